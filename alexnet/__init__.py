@@ -1,0 +1,30 @@
+"""AlexNet in pure PyTorch: model variants, paper initialisation, augmentations, metrics.
+
+Imports only torch (and numpy for the CPU-side crops); Ray and MLflow live in ``pipelines``.
+"""
+
+from alexnet.model import (
+    INPUT_SIZE,
+    VARIANTS,
+    AlexNet,
+    AlexNetPaper,
+    CifarAlexNet,
+    alexnet_cifar,
+    alexnet_paper,
+    alexnet_torchvision,
+    build_model,
+    init_paper_,
+)
+
+__all__ = [
+    "INPUT_SIZE",
+    "VARIANTS",
+    "AlexNet",
+    "AlexNetPaper",
+    "CifarAlexNet",
+    "alexnet_cifar",
+    "alexnet_paper",
+    "alexnet_torchvision",
+    "build_model",
+    "init_paper_",
+]

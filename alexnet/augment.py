@@ -1,0 +1,156 @@
+"""Augmentations from the AlexNet paper.
+
+Two halves, split by where they run:
+
+- per image, on the CPU, as uint8 numpy ``HxWx3`` arrays (:func:`random_crop_flip`,
+  :func:`center_crop`, :func:`ten_crop`): crops and flips only move bytes, so they stay uint8
+  and the data loader ships 4x fewer bytes than float32 would;
+- per batch, on the training device, as ``[N, 3, H, W]`` tensors (:func:`pca_lighting`,
+  :func:`normalize`): the float work happens where the FLOPs are cheap.
+
+Training order: ``normalize(pca_lighting(batch_uint8, eigval, eigvec), mean, std)``.
+Pixel statistics (mean, std, eigval, eigvec) come from the dataset manifest in pixel units 0-255.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "center_crop",
+    "normalize",
+    "pca_lighting",
+    "pca_shift",
+    "random_crop_flip",
+    "ten_crop",
+]
+
+
+def _per_channel(v: Tensor | list[float], like: Tensor) -> Tensor:
+    return torch.as_tensor(v, dtype=like.dtype, device=like.device).view(1, 3, 1, 1)
+
+
+def normalize(batch_uint8: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """``(x - mean) / std`` per channel, as float32. ``mean``/``std``: ``[3]`` in pixel units.
+
+    ``batch_uint8`` is ``[N, 3, H, W]`` uint8 (or already float in pixel units, e.g. the output
+    of :func:`pca_lighting`). Converts once, then works in place on that copy: one read of the
+    uint8 batch and one float32 buffer, no temporaries. ``x.float()`` preserves strides, so a
+    channels_last batch stays channels_last.
+    """
+    x = batch_uint8.float() if not batch_uint8.is_floating_point() else batch_uint8.clone()
+    return x.sub_(_per_channel(mean, x)).div_(_per_channel(std, x))
+
+
+def pca_shift(
+    n: int,
+    eigval: Tensor,
+    eigvec: Tensor,
+    alphastd: float = 0.1,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Per-image RGB shifts of the paper's colour augmentation, ``[n, 3]`` in pixel units.
+
+    ``eigval``: ``[3]`` eigenvalues of the RGB covariance in pixel units^2 (the manifest's);
+    ``eigvec``: ``[3, 3]``, ``eigvec[i]`` the unit eigenvector of ``eigval[i]`` as ``[R, G, B]``.
+
+    The formula is the paper's, ``sum_i alpha_i * lambda_i * p_i`` with ``alpha_i ~ N(0,
+    alphastd)`` per image, evaluated with pixels scaled to 0-1 (so ``lambda_i = eigval_i /
+    255^2``), as the design page and fb.resnet.torch do, then converted back to pixel units::
+
+        shift = 255 * sum_i alpha_i * (eigval_i / 255^2) * eigvec[i]
+              = sum_i alpha_i * (eigval_i / 255) * eigvec[i]
+
+    Size: real photos have a per-channel variance of ~0.05 in 0-1 units, so the top
+    eigenvalue ``eigval_0 / 255^2`` is ~0.05-0.15 (fb.resnet.torch hard-codes 0.2175). The
+    shift along it then has std 0.1 * 0.2 * 255 ~ 5 pixel levels at most; the other two
+    components add well under one level. Rejected readings: pixel-unit eigenvalues used
+    directly (0.1 * 14,000 ~ 1,400 levels) and ``sqrt(eigval / 255^2)`` as if they were
+    standard deviations (0.1 * sqrt(0.2) * 255 ~ 11 levels, not the formula as written).
+
+    ``alpha`` is drawn on ``generator``'s device when one is given (reproducible streams),
+    else on ``device``; the result is on ``device`` (default: ``eigval``'s).
+    """
+    if device is None:
+        device = eigval.device if isinstance(eigval, Tensor) else torch.device("cpu")
+    device = torch.device(device)
+    gen_device = generator.device if generator is not None else device
+    alpha = torch.randn(n, 3, generator=generator, device=gen_device, dtype=torch.float32)
+    alpha = alpha.to(device).mul_(alphastd)
+    eigval = torch.as_tensor(eigval, dtype=torch.float32, device=device)
+    eigvec = torch.as_tensor(eigvec, dtype=torch.float32, device=device)
+    # Row vector of coefficients times rows-as-eigenvectors: [n, 3] @ [3, 3].
+    return (alpha * (eigval / 255.0)) @ eigvec
+
+
+def pca_lighting(
+    batch: Tensor,
+    eigval: Tensor,
+    eigvec: Tensor,
+    alphastd: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Add one :func:`pca_shift` per image to every pixel. ``batch``: ``[N, 3, H, W]``.
+
+    ``batch`` is in pixel units 0-255, before :func:`normalize`; uint8 input is converted
+    to float32 (the shifts are fractional). Returns a new tensor with the input's memory
+    format; values are not clipped to 0-255 (the paper does not say to, and normalisation
+    follows anyway). Costs one elementwise pass over the batch.
+    """
+    shift = pca_shift(batch.shape[0], eigval, eigvec, alphastd, generator, batch.device)
+    x = batch.float() if not batch.is_floating_point() else batch.clone()
+    return x.add_(shift.to(x.dtype).view(-1, 3, 1, 1))
+
+
+def random_crop_flip(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A random ``size`` x ``size`` crop of an ``HxWx3`` uint8 image, mirrored with p=0.5.
+
+    Slicing is a view; the single copy happens in ``np.ascontiguousarray`` at the end, so
+    the result is contiguous (ready for ``torch.from_numpy``) and still uint8.
+    """
+    h, w = img.shape[:2]
+    if h < size or w < size:
+        raise ValueError(f"image {h}x{w} is smaller than the crop size {size}")
+    top = int(rng.integers(0, h - size + 1))
+    left = int(rng.integers(0, w - size + 1))
+    crop = img[top : top + size, left : left + size]
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    return np.ascontiguousarray(crop)
+
+
+def center_crop(img: np.ndarray, size: int) -> np.ndarray:
+    """The central ``size`` x ``size`` crop, offsets rounded as torchvision rounds them."""
+    h, w = img.shape[:2]
+    if h < size or w < size:
+        raise ValueError(f"image {h}x{w} is smaller than the crop size {size}")
+    top = int(round((h - size) / 2.0))
+    left = int(round((w - size) / 2.0))
+    return np.ascontiguousarray(img[top : top + size, left : left + size])
+
+
+def _five_crop(img: np.ndarray, size: int) -> list[np.ndarray]:
+    h, w = img.shape[:2]
+    return [
+        img[:size, :size],
+        img[:size, w - size :],
+        img[h - size :, :size],
+        img[h - size :, w - size :],
+        center_crop(img, size),
+    ]
+
+
+def ten_crop(img: np.ndarray, size: int) -> np.ndarray:
+    """The paper's test-time crops: ``[10, size, size, 3]`` uint8.
+
+    Order as ``torchvision.transforms.functional.ten_crop``: top-left, top-right,
+    bottom-left, bottom-right, centre, then the same five cut from the mirrored image
+    (so the 7th is the mirror of the top-right corner, not of the top-left).
+    """
+    h, w = img.shape[:2]
+    if h < size or w < size:
+        raise ValueError(f"image {h}x{w} is smaller than the crop size {size}")
+    return np.stack(_five_crop(img, size) + _five_crop(img[:, ::-1], size))
