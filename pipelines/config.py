@@ -1,0 +1,241 @@
+"""Typed configuration for every job, in one place.
+
+Each job has one dataclass made of sections (ffcv-imagenet style). Every field carries a
+default and a help string; the same fields become command-line flags (`--lr`, `--workers`, ...),
+and a YAML file given with `--config` sets them too. Precedence: defaults < YAML < flags.
+The resolved config is saved with every run (`config.yaml` beside the checkpoints, and as an
+MLflow artifact), so a run can always be reproduced from what it wrote.
+
+Nothing here is exec'd or filled in by decorators: YAML is parsed with `yaml.safe_load` and
+unknown keys are an error, so a typo in a config file cannot silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A config field with a default, a help text and (optionally) allowed values."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- preprocess
+@dataclass
+class PreprocessConfig:
+    source: str = opt("", "source dataset root (ImageNet layout) to read")
+    out: str = opt("", "output directory for shards, manifest.json and quarantine.jsonl")
+    layout: str = opt("auto", "source layout; auto detects it", ("auto", "imagenet"))
+    resize: int = opt(256, "rescale so the shorter side is this many pixels")
+    center_crop: bool = opt(True, "then keep the central resize x resize square (the paper's 256x256)")
+    encoding: str = opt("jpeg", "record encoding: jpeg (small) or raw uint8 (no decode cost)",
+                        ("jpeg", "raw"))
+    quality: int = opt(90, "JPEG quality for encoding=jpeg")
+    shard_size: int = opt(256, "target shard size in MB (ignored when --shards is set)")
+    shards: int = opt(0, "number of shards per split (0: derive from --shard-size)")
+    seed: int = opt(0, "seed of the record order across shards (training reads shards in order)")
+    batch_size: int = opt(32, "images per Ray Data decode batch")
+    overwrite: bool = opt(False, "replace an existing OUT made with other parameters")
+
+
+# --------------------------------------------------------------------------- train
+@dataclass
+class DataSection:
+    data: str = opt("", "preprocessed dataset directory (holds manifest.json)")
+    train_split: str = opt("train", "split to train on")
+    val_split: str = opt("val", "split to validate on (skipped when absent)")
+    crop: int = opt(224, "training crop size (random crops of the stored images)")
+    pca_alphastd: float = opt(0.1, "std of the PCA colour augmentation's alpha (0 turns it off)")
+    loader_workers: int = opt(1, "DataLoader processes per training worker (decode + crop)")
+
+
+@dataclass
+class ModelSection:
+    variant: str = opt("paper", "AlexNet layout", ("paper", "torchvision", "cifar"))
+    groups: int = opt(1, "groups in conv2/4/5 of the paper variant (2 = the paper's two GPUs)")
+    dropout: float = opt(0.5, "dropout on FC6 and FC7")
+    init: str = opt("auto", "weight init: paper N(0, 0.01), default (PyTorch's), auto = "
+                    "paper for the paper variant", ("auto", "paper", "default"))
+
+
+@dataclass
+class OptimSection:
+    batch_size: int = opt(128, "images per worker per step (global batch = this x workers)")
+    lr: float = opt(0.01, "learning rate for a global batch of 128; scaled linearly with the "
+                    "global batch (lr x global/128)")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(5e-4, "SGD weight decay")
+    schedule: str = opt("plateau", "lr schedule: plateau (divide by 10 when val error stalls, "
+                        "at most --max-lr-drops times), step, cosine",
+                        ("plateau", "step", "cosine"))
+    lr_patience: int = opt(3, "epochs without val improvement before the lr drops (plateau)")
+    max_lr_drops: int = opt(3, "most lr drops for the plateau schedule (the paper: three)")
+    step_size: int = opt(30, "epochs between drops for the step schedule")
+    early_stop_patience: int = opt(0, "stop after this many epochs without improvement (0: off)")
+
+
+@dataclass
+class RunSection:
+    epochs: int = opt(90, "epochs to train")
+    workers: int = opt(2, "Ray Train workers (one process each, DDP)")
+    gpu: bool = opt(False, "one GPU per worker, NCCL; otherwise CPU workers with gloo")
+    cpus_per_worker: int = opt(1, "CPUs reserved by each worker")
+    amp: bool = opt(True, "bf16 autocast on GPU (ignored on CPU)")
+    seed: int = opt(0, "seed of init, data order and augmentation")
+    storage: str = opt("checkpoints", "checkpoint storage: local path or pyarrow URI (s3://...)")
+    name: str = opt("alexnet", "run name: checkpoints go to STORAGE/NAME")
+    max_failures: int = opt(2, "worker-group restarts Ray Train may do after failures")
+    resume: bool = opt(False, "continue the stopped run NAME from its last checkpoint")
+    ten_crop: bool = opt(False, "validate with the paper's ten crops instead of the centre crop")
+
+
+@dataclass
+class TrackingSection:
+    experiment: str = opt("alexnet", "MLflow experiment name")
+    registered_model: str = opt("alexnet", "Model Registry name to register the model under")
+    register: bool = opt(True, "log, register and (if better) promote the model at the end")
+
+
+@dataclass
+class TrainConfig:
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+
+# --------------------------------------------------------------------------- batch inference
+@dataclass
+class InferConfig:
+    model: str = opt("models:/alexnet@champion", "MLflow model URI or local checkpoint dir")
+    input: str = opt("", "images folder tree or a preprocessed OUT directory (shards)")
+    split: str = opt("val", "split to read when INPUT is a preprocessed OUT")
+    output: str = opt("predictions.parquet", "Parquet file to write")
+    batch_size: int = opt(64, "images per model call")
+    actors: int = opt(1, "model actors in the Ray Data actor pool")
+    gpu: bool = opt(False, "one GPU per actor")
+
+
+# --------------------------------------------------------------------------- machinery
+def _sections(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if dataclasses.is_dataclass(f.default_factory)]
+
+
+def _resolved_type(cls: type, f: dataclasses.Field) -> type:
+    hint = typing.get_type_hints(cls)[f.name]
+    if isinstance(hint, types.UnionType):  # "int | None" -> int
+        hint = next(a for a in hint.__args__ if a is not type(None))
+    return hint
+
+
+def _leaf_fields(cls: type) -> list[tuple[str | None, type, dataclasses.Field]]:
+    """(section name or None, owning class, field) for every scalar field."""
+    secs = _sections(cls)
+    if not secs:
+        return [(None, cls, f) for f in dataclasses.fields(cls)]
+    return [(s.name, s.default_factory, f) for s in secs for f in dataclasses.fields(s.default_factory)]
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per config field (`--batch-size`), defaulting to None so YAML can fill it."""
+    parser.add_argument("--config", help="YAML file with config values (flags override it)")
+    for section, owner, f in _leaf_fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        typ = _resolved_type(owner, f)
+        help_ = f"{f.metadata.get('help', '')} (default: {f.default if f.default is not dataclasses.MISSING else '...'})"
+        if section:
+            help_ += f" [{section}]"
+        if typ is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_)
+        else:
+            parser.add_argument(flag, dest=f.name, type=typ, default=None,
+                                choices=f.metadata.get("choices"), help=help_)
+
+
+def from_dict(cls: type, values: dict[str, Any], where: str = "config") -> Any:
+    """Build `cls` from a (possibly nested) dict; unknown keys raise ValueError."""
+    values = dict(values or {})
+    secs = {s.name: s for s in _sections(cls)}
+    if not secs:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        bad = sorted(set(values) - set(known))
+        if bad:
+            raise ValueError(f"{where}: unknown key(s) {bad}; known: {sorted(known)}")
+        return cls(**{k: _coerce(cls, known[k], v, where) for k, v in values.items()})
+    kwargs: dict[str, Any] = {}
+    leaf_owner = {f.name: s for s, _, f in _leaf_fields(cls)}
+    nested: dict[str, dict] = {name: {} for name in secs}
+    for key, val in values.items():
+        if key in secs and isinstance(val, dict):
+            nested[key].update(val)
+        elif key in leaf_owner:  # flat YAML keys are allowed too: `lr: 0.02`
+            nested[leaf_owner[key]][key] = val
+        else:
+            raise ValueError(f"{where}: unknown key {key!r}; sections: {sorted(secs)}")
+    for name, sec in secs.items():
+        kwargs[name] = from_dict(sec.default_factory, nested[name], f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(cls: type, f: dataclasses.Field, value: Any, where: str) -> Any:
+    typ = _resolved_type(cls, f)
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if typ in (int, float, str, bool) and not isinstance(value, typ):
+        raise ValueError(f"{where}.{f.name}: expected {typ.__name__}, got {value!r}")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ValueError(f"{where}.{f.name}: {value!r} is not one of {list(choices)}")
+    return value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(cfg: Any) -> dict[str, Any]:
+    """`{"optim.lr": 0.01, ...}` - the shape MLflow params want."""
+    out: dict[str, Any] = {}
+    for key, val in to_dict(cfg).items():
+        if isinstance(val, dict):
+            out.update({f"{key}.{k}": v for k, v in val.items()})
+        else:
+            out[key] = val
+    return out
+
+
+def load(cls: type, args: argparse.Namespace | None = None, yaml_path: str | None = None) -> Any:
+    """Defaults, then the YAML file (`--config`), then flags that were given."""
+    values: dict[str, Any] = {}
+    yaml_path = yaml_path or (getattr(args, "config", None) if args is not None else None)
+    if yaml_path:
+        text = Path(yaml_path).read_text()
+        values = yaml.safe_load(text) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{yaml_path}: expected a mapping of config keys")
+    cfg = from_dict(cls, values, where=str(yaml_path or "config"))
+    if args is not None:
+        for section, owner, f in _leaf_fields(cls):
+            val = getattr(args, f.name, None)
+            if val is None:
+                continue
+            target = getattr(cfg, section) if section else cfg
+            setattr(target, f.name, _coerce(owner, f, val, "flag"))
+    return cfg
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
