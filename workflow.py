@@ -1,0 +1,128 @@
+"""alexnet-workflow command line: parse, build a config, call one job.
+
+    python workflow.py make-sample --out data/sample
+    python workflow.py preprocess --source data/sample --out data/sample-shards
+    python workflow.py train --data data/sample-shards --workers 2 --epochs 2
+    python workflow.py batch-infer --model models:/alexnet@champion --input data/sample/val
+    python workflow.py info --variant paper --groups 2
+
+Ray: the cluster at RAY_ADDRESS when set (as under `ray job submit`), else a local one.
+MLflow: MLFLOW_TRACKING_URI when set, else sqlite:///mlflow.db in the working directory.
+Errors about the input (missing data, bad flags) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipelines import config as C
+
+
+def cmd_make_sample(args: argparse.Namespace) -> int:
+    from pipelines.sample import make_sample
+
+    summary = make_sample(args.out, classes=args.classes, train_per_class=args.train_per_class,
+                          val_per_class=args.val_per_class, seed=args.seed)
+    print(f"sample dataset: {summary['train']} train + {summary['val']} val images, "
+          f"{summary['classes']} classes in {summary['root']}")
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from pipelines.preprocess import run_preprocess, summary_table
+
+    cfg = C.load(C.PreprocessConfig, args)
+    manifest = run_preprocess(cfg)
+    print(summary_table(manifest))
+    print(f"manifest: {cfg.out}/manifest.json   quarantine: {cfg.out}/quarantine.jsonl")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipelines.train import run_train
+
+    cfg = C.load(C.TrainConfig, args)
+    summary = run_train(cfg)
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def cmd_batch_infer(args: argparse.Namespace) -> int:
+    from pipelines.infer import run_batch_infer
+
+    cfg = C.load(C.InferConfig, args)
+    result = run_batch_infer(cfg)
+    line = f"{result['images']} images -> {result['output']} ({result['errors']} errors"
+    if "top1_accuracy" in result:
+        line += (f"; top-1 accuracy {result['top1_accuracy']:.3f}, top-5 "
+                 f"{result['top5_accuracy']:.3f} on {result['labelled']} labelled images")
+    print(line + f"; {result['seconds']} s)")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from alexnet import INPUT_SIZE, build_model
+    from alexnet.summary import format_table, layer_table
+
+    model = build_model(args.variant, args.num_classes, groups=args.groups)
+    size = INPUT_SIZE[args.variant]
+    print(format_table(layer_table(model, (1, 3, size, size))))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workflow.py", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-sample", help="write a small synthetic ImageNet-layout dataset")
+    p.add_argument("--out", required=True, help="directory to create")
+    p.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
+    p.add_argument("--train-per-class", type=int, default=40, help="train images per class")
+    p.add_argument("--val-per-class", type=int, default=10, help="val images per class")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same bytes")
+    p.set_defaults(func=cmd_make_sample)
+
+    p = sub.add_parser("preprocess", help="decode, rescale and pack a dataset into LMDB shards")
+    C.add_arguments(p, C.PreprocessConfig)
+    p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("train", help="distributed training on Ray Train, tracked in MLflow")
+    C.add_arguments(p, C.TrainConfig)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("batch-infer", help="run a registered model over many images")
+    C.add_arguments(p, C.InferConfig)
+    p.set_defaults(func=cmd_batch_infer)
+
+    p = sub.add_parser("info", help="layer table of an AlexNet variant")
+    p.add_argument("--variant", default="paper", choices=("paper", "torchvision", "cifar"))
+    p.add_argument("--groups", type=int, default=1, help="2 = the paper's two-GPU split")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+# Errors that mean "your input is wrong", shown as one line, not a traceback.
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pipelines.infer import InferError
+    from pipelines.preprocess import PreprocessError
+    from pipelines.sources import SourceError
+    from pipelines.train import TrainError
+
+    return (InferError, PreprocessError, SourceError, TrainError, FileNotFoundError,
+            FileExistsError, ValueError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
