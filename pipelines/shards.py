@@ -162,8 +162,10 @@ def write_shard(path: str | os.PathLike, values: list[bytes], meta: dict) -> str
     tmp = path.with_name(path.name + ".tmp")
     for leftover in (tmp, Path(str(tmp) + "-lock")):
         leftover.unlink(missing_ok=True)
+    # meminit=True zeroes unused page space, so the same records give the same file bytes
+    # (and sha256) on every run.
     env = lmdb.open(str(tmp), subdir=False, map_size=MAP_SIZE, lock=False, sync=False,
-                    metasync=False, meminit=False)
+                    metasync=False, meminit=True)
     try:
         with env.begin(write=True) as txn:
             for i, value in enumerate(values):

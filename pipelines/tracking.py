@@ -47,7 +47,7 @@ def promote(client, name: str, version: str, val_top1_error: float) -> dict:
         current = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         current = None
-    if current is None or current.version == version:
+    if current is None or str(current.version) == str(version):
         client.set_registered_model_alias(name, CHAMPION, version)
         return {"version": version, "alias": CHAMPION, "previous": None}
     current_err = float(current.tags.get(METRIC_TAG, "inf"))

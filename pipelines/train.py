@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -80,18 +81,24 @@ def log_and_register(bundle_dir: str, cfg: C.TrainConfig, val_error: float) -> d
     import mlflow
     from mlflow import MlflowClient
 
-    from pipelines.model_package import load_info
+    from pipelines.model_package import INFERENCE, WEIGHTS, load_info
 
     info = load_info(bundle_dir)
     sig, example = signature_and_example(info)
     root = Path(__file__).resolve().parent.parent
-    model_info = mlflow.pyfunc.log_model(
-        name="model", python_model=str(root / "pipelines" / "pyfunc_model.py"),
-        artifacts={"bundle": bundle_dir}, code_paths=[str(root / "alexnet"),
-                                                      str(root / "pipelines")],
-        signature=sig, input_example=example,
-        metadata={"variant": info["variant"], "input_size": info["input_size"],
-                  "num_classes": info["num_classes"]})
+    with tempfile.TemporaryDirectory() as tmp:
+        # Only what inference needs travels: not the optimiser state of the checkpoint.
+        bundle = Path(tmp) / "bundle"
+        bundle.mkdir()
+        for name in (WEIGHTS, INFERENCE):
+            shutil.copy2(Path(bundle_dir) / name, bundle / name)
+        model_info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(root / "pipelines" / "pyfunc_model.py"),
+            artifacts={"bundle": str(bundle)},
+            code_paths=[str(root / "alexnet"), str(root / "pipelines")],
+            signature=sig, input_example=example,
+            metadata={"variant": info["variant"], "input_size": info["input_size"],
+                      "num_classes": info["num_classes"]})
     version = mlflow.register_model(model_info.model_uri, cfg.tracking.registered_model)
     outcome = tracking.promote(MlflowClient(), cfg.tracking.registered_model, version.version,
                                val_error)

@@ -79,11 +79,9 @@ def make_scheduler(cfg: C.TrainConfig, optimizer: torch.optim.Optimizer, lr: flo
 
 
 def inference_info(cfg: C.TrainConfig, manifest: dict, num_classes: int) -> dict:
-    from alexnet import INPUT_SIZE
-
     return {"variant": cfg.model.variant, "groups": cfg.model.groups,
-            "num_classes": num_classes, "input_size": cfg.data.crop if cfg.model.variant !=
-            "cifar" else INPUT_SIZE["cifar"], "resize": manifest["preprocess"]["resize"],
+            "num_classes": num_classes, "input_size": cfg.data.crop,
+            "resize": manifest["preprocess"]["resize"],
             "mean": manifest["stats"]["mean"], "std": manifest["stats"]["std"],
             "classes": manifest["classes"]}
 

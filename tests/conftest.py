@@ -1,0 +1,53 @@
+"""Shared fixtures: a real local Ray, a real sqlite MLflow, real generated JPEG datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# The shared ImageNet sample sits beside a developer's or CI's checkout; a user's clone has none.
+IMAGENET_SAMPLE = Path(os.environ.get("IMAGENET_SAMPLE",
+                                      REPO.parent / "shared" / "data" / "imagenet-sample"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the session (4 logical CPUs: 2 train workers + data tasks)."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture()
+def mlflow_uri(tmp_path, monkeypatch):
+    """A fresh sqlite MLflow store in a temp dir, used through MLFLOW_TRACKING_URI."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # the default artifact root (./mlruns) lands in the temp dir
+    return uri
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tmp_path_factory):
+    """4 classes x 10 train + 3 val real JPEGs in the ImageNet layout (flat val + CSV)."""
+    from pipelines.sample import make_sample
+
+    root = tmp_path_factory.mktemp("tiny") / "src"
+    make_sample(root, classes=4, train_per_class=10, val_per_class=3, seed=1,
+                min_side=64, max_side=120)
+    return root
+
+
+@pytest.fixture()
+def imagenet_sample():
+    if not (IMAGENET_SAMPLE / "train").is_dir():
+        pytest.skip(f"ImageNet sample not found at {IMAGENET_SAMPLE}")
+    return IMAGENET_SAMPLE

@@ -1,0 +1,187 @@
+"""preprocess on real Ray Data, real JPEG files and real LMDB shards."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pipelines import shards as sh
+from pipelines.config import PreprocessConfig
+from pipelines.decode import decode_rgb, rescale
+from pipelines.preprocess import PreprocessError, moments_to_stats, run_preprocess
+
+
+def _all_records(out: Path, manifest: dict, split: str) -> list[sh.Record]:
+    return [r[i] for r in sh.split_readers(out, manifest, split) for i in range(len(r))]
+
+
+def _direct_stats(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    flat = pixels.reshape(-1, 3).astype(np.float64)
+    mean = flat.mean(0)
+    cov = np.cov(flat, rowvar=False, bias=True)
+    eigval, eigvec = np.linalg.eigh(cov)
+    return mean, eigval[::-1], eigvec[:, ::-1].T
+
+
+def test_stats_match_numpy_over_the_same_rescaled_pixels(ray_local, tiny_source, tmp_path):
+    out = tmp_path / "out"
+    manifest = run_preprocess(PreprocessConfig(source=str(tiny_source), out=str(out),
+                                               encoding="raw", resize=64, batch_size=8))
+    records = _all_records(out, manifest, "train")
+    assert len(records) == 40
+    pixels = np.stack([sh.decode_image(r) for r in records])
+    # Raw records are exactly the rescaled pixels; check them against a direct rescale too.
+    src = records[0].path
+    direct = rescale(decode_rgb((tiny_source / src).read_bytes()), 64)
+    np.testing.assert_array_equal(sh.decode_image(records[0]), direct)
+
+    mean, eigval, eigvec = _direct_stats(pixels)
+    st = manifest["stats"]
+    np.testing.assert_allclose(st["mean"], mean, rtol=1e-9)
+    np.testing.assert_allclose(st["std"], pixels.reshape(-1, 3).std(0), rtol=1e-9)
+    np.testing.assert_allclose(st["eigval"], eigval, rtol=1e-6)
+    for got, want in zip(st["eigvec"], eigvec, strict=True):  # eigenvectors up to sign
+        assert abs(np.dot(got, want)) == pytest.approx(1.0, abs=1e-6)
+    assert st["pixels"] == pixels.shape[0] * 64 * 64
+
+
+def test_moments_reduce_exactly_whatever_the_partition():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
+    from pipelines.decode import pixel_moments
+
+    def reduce(parts):
+        s, o, p = np.zeros(3, np.int64), np.zeros((3, 3), np.int64), 0
+        for part in parts:
+            for img in part:
+                a, b, c = pixel_moments(img)
+                s, o, p = s + a, o + b, p + c
+        return moments_to_stats(s, o.reshape(9), p)
+
+    one, four = reduce([images]), reduce(np.array_split(images, 4))
+    for key in ("mean", "std", "eigval"):
+        np.testing.assert_allclose(one[key], four[key], rtol=1e-12)
+
+
+def test_layout_shards_and_manifest_contract(ray_local, tiny_source, tmp_path):
+    out = tmp_path / "out"
+    manifest = run_preprocess(PreprocessConfig(source=str(tiny_source), out=str(out),
+                                               shards=3, resize=64, batch_size=8))
+    assert manifest["format"] == sh.FORMAT_VERSION
+    assert [c["index"] for c in manifest["classes"]] == [0, 1, 2, 3]
+    train = manifest["splits"]["train"]
+    assert train["records"] == 40 and train["quarantined"] == 0
+    assert len(train["shards"]) == 3
+    sizes = [s["records"] for s in train["shards"]]
+    assert max(sizes) - min(sizes) <= 1  # shards of a split are even
+    for s in train["shards"]:
+        assert sh.file_sha256(out / s["path"]) == s["sha256"]
+    # Every source image lands exactly once, labels from its wnid folder.
+    records = _all_records(out, manifest, "train")
+    assert sorted(r.path for r in records) == sorted(
+        str(p.relative_to(tiny_source)) for p in (tiny_source / "train").rglob("*.JPEG"))
+    wnid = {c["index"]: c["wnid"] for c in manifest["classes"]}
+    assert all(r.path.split("/")[1] == wnid[r.label] for r in records)
+    assert all((r.height, r.width) == (64, 64) for r in records)
+    # Flat val: labels come from LOC_val_solution.csv.
+    with open(tiny_source / "LOC_val_solution.csv") as fh:
+        truth = {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(fh)}
+    val = _all_records(out, manifest, "val")
+    assert len(val) == 12
+    assert all(wnid[r.label] == truth[Path(r.path).stem] for r in val)
+    # The order across shards is decided by the seed: same seed, same bytes.
+    again = run_preprocess(PreprocessConfig(source=str(tiny_source), out=str(tmp_path / "b"),
+                                            shards=3, resize=64, batch_size=8))
+    assert [s["sha256"] for s in again["splits"]["train"]["shards"]] == \
+        [s["sha256"] for s in train["shards"]]
+
+
+def test_bad_files_are_quarantined_with_reasons(ray_local, tiny_source, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_source, src)
+    wnid = sorted(p.name for p in (src / "train").iterdir())[0]
+    bad = src / "train" / wnid
+    (bad / "empty.JPEG").write_bytes(b"")
+    (bad / "html.JPEG").write_bytes(b"<html><body>404 Not Found</body></html>")
+    good = next(bad.glob("*_1.JPEG")).read_bytes()
+    (bad / "truncated.JPEG").write_bytes(good[: len(good) // 3])
+    ok, png = cv2.imencode(".png", np.full((80, 90, 3), 200, np.uint8))
+    (bad / "png_named.JPEG").write_bytes(png.tobytes())  # a PNG behind a .JPEG name is fine
+    gray = cv2.imencode(".jpg", np.full((70, 70), 90, np.uint8))[1]
+    (bad / "gray.JPEG").write_bytes(gray.tobytes())
+    stray = src / "train" / "n99999999"  # a class folder that the mapping does not name
+    stray.mkdir()
+    (stray / "x.JPEG").write_bytes(good)
+
+    out = tmp_path / "out"
+    manifest = run_preprocess(PreprocessConfig(source=str(src), out=str(out), resize=64,
+                                               batch_size=8))
+    lines = [json.loads(x) for x in (out / sh.QUARANTINE).read_text().splitlines()]
+    reasons = {Path(q["path"]).name: q["reason"] for q in lines}
+    assert set(reasons) == {"empty.JPEG", "html.JPEG", "truncated.JPEG", "x.JPEG"}
+    assert "empty" in reasons["empty.JPEG"]
+    assert "not a decodable image" in reasons["html.JPEG"]
+    assert "not in the class index" in reasons["x.JPEG"]
+    assert all(q["split"] == "train" for q in lines)
+    assert manifest["splits"]["train"]["quarantined"] == 4
+    assert manifest["splits"]["train"]["records"] == 42  # 40 + png_named + gray
+    names = {Path(r.path).name for r in _all_records(out, manifest, "train")}
+    assert {"png_named.JPEG", "gray.JPEG"} <= names
+
+
+def test_rerun_skips_finished_work_and_rebuilds_a_lost_shard(ray_local, tiny_source, tmp_path):
+    out = tmp_path / "out"
+    cfg = PreprocessConfig(source=str(tiny_source), out=str(out), shards=2, resize=64)
+    first = run_preprocess(cfg)
+    lost = first["splits"]["train"]["shards"][1]
+    (out / lost["path"]).unlink()
+    (out / (lost["path"] + ".json")).unlink()
+    second = run_preprocess(cfg)
+    assert second["splits"] == first["splits"]
+
+
+def test_refuses_changed_parameters_and_a_concurrent_run(ray_local, tiny_source, tmp_path):
+    out = tmp_path / "out"
+    run_preprocess(PreprocessConfig(source=str(tiny_source), out=str(out), resize=64))
+    with pytest.raises(PreprocessError, match="--overwrite"):
+        run_preprocess(PreprocessConfig(source=str(tiny_source), out=str(out), resize=48))
+    replaced = run_preprocess(PreprocessConfig(source=str(tiny_source), out=str(out), resize=48,
+                                               overwrite=True))
+    assert replaced["preprocess"]["resize"] == 48
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(PreprocessError, match="another preprocess"):
+            run_preprocess(PreprocessConfig(source=str(tiny_source), out=str(out), resize=48))
+
+
+def test_imagenet_sample_every_image_lands(ray_local, imagenet_sample, tmp_path):
+    out = tmp_path / "out"
+    manifest = run_preprocess(PreprocessConfig(source=str(imagenet_sample), out=str(out),
+                                               batch_size=16))
+    n_files = sum(1 for p in imagenet_sample.rglob("*") if p.suffix.lower() == ".jpeg")
+    splits = manifest["splits"]
+    assert splits["train"]["records"] + splits["val"]["records"] == n_files
+    assert splits["train"]["quarantined"] == splits["val"]["quarantined"] == 0
+    mapping = sorted(line.split(" ", 1)[0] for line in
+                     (imagenet_sample / "LOC_synset_mapping.txt").read_text().splitlines() if line)
+    assert [c["wnid"] for c in manifest["classes"]] == mapping
+    with open(imagenet_sample / "LOC_val_solution.csv") as fh:
+        truth = {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(fh)}
+    wnid = {c["index"]: c["wnid"] for c in manifest["classes"]}
+    val = _all_records(out, manifest, "val")
+    assert val and all(wnid[r.label] == truth[Path(r.path).stem] for r in val)
+    # The grayscale originals arrive as 3-channel RGB with equal channels.
+    grays = [r for r in _all_records(out, manifest, "train") + val
+             if cv2.imread(str(imagenet_sample / r.path), cv2.IMREAD_UNCHANGED).ndim == 2]
+    assert len(grays) == 3
+    for r in grays:
+        rgb = sh.decode_image(r)
+        assert rgb.shape == (256, 256, 3)
+        assert np.abs(rgb[..., 0].astype(int) - rgb[..., 2]).max() <= 3  # JPEG chroma noise
