@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.config import InferConfig
+from pipelines.runtime import init_ray
 from pipelines.sources import IMAGE_EXTENSIONS
 
 
@@ -196,8 +197,7 @@ def run_batch_infer(cfg: InferConfig) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InferError(f"cannot create {out.parent}: {exc}") from exc
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+    init_ray(log_to_driver=False)
     block = max(1, cfg.batch_size)
     ds = ray.data.from_arrow([inputs.slice(o, block) for o in range(0, inputs.num_rows, block)])
     ds = ds.map_batches(load_crops, batch_size=cfg.batch_size, batch_format="numpy",

@@ -30,6 +30,7 @@ import pyarrow as pa
 from pipelines import shards as sh
 from pipelines.config import PreprocessConfig, to_dict
 from pipelines.decode import DecodeError, decode_rgb, encode, pixel_moments, rescale
+from pipelines.runtime import init_ray
 from pipelines.sources import Listing, list_source
 
 # Bytes per encoded 256x256 record, to size shards before anything is encoded.
@@ -290,9 +291,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
     pending = pa.concat_tables(tables) if tables else None
 
     if pending is not None and pending.num_rows:
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False,
-                     configure_logging=False)
+        init_ray(log_to_driver=False, configure_logging=False)
         # Blocks of ~batch_size rows keep every core busy even when there is a single shard.
         n_blocks = max(1, math.ceil(pending.num_rows / cfg.batch_size))
         ds = ray.data.from_arrow([pending.slice(o, cfg.batch_size)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 
 from pipelines import config as C
 from pipelines import tracking
+from pipelines.runtime import init_ray
 from pipelines.shards import manifest_digest, read_manifest
 
 
@@ -109,7 +109,6 @@ def log_and_register(bundle_dir: str, cfg: C.TrainConfig, val_error: float) -> d
 def run_train(cfg: C.TrainConfig) -> dict:
     """Train, then log + register the best checkpoint; returns a summary (also printed)."""
     import mlflow
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -143,8 +142,7 @@ def run_train(cfg: C.TrainConfig) -> dict:
                 mlflow.log_artifacts(tmp)
             mlflow.log_artifact(str(Path(cfg.data.data) / "manifest.json"), "dataset")
 
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        init_ray(log_to_driver=True)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"cfg": C.to_dict(cfg), "run_id": run_id, "tracking_uri": uri},
