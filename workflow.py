@@ -2,6 +2,7 @@
 
     python workflow.py make-sample --out data/sample
     python workflow.py preprocess --source data/sample --out data/sample-shards
+    python workflow.py verify --data data/sample-shards
     python workflow.py train --data data/sample-shards --workers 2 --epochs 2
     python workflow.py batch-infer --model models:/alexnet@champion --input data/sample/val
     python workflow.py info --variant paper --groups 2
@@ -31,13 +32,24 @@ def cmd_make_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from pipelines.preprocess import run_preprocess, summary_table
+    from pipelines.preprocess import format_dry_run, run_preprocess, summary_table
 
     cfg = C.load(C.PreprocessConfig, args)
     manifest = run_preprocess(cfg)
+    if manifest.get("dry_run"):
+        print(format_dry_run(manifest))
+        return 0
     print(summary_table(manifest))
     print(f"manifest: {cfg.out}/manifest.json   quarantine: {cfg.out}/quarantine.jsonl")
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pipelines.verify import format_report, verify_output
+
+    report = verify_output(args.data, decode=args.decode)
+    print(format_report(report))
+    return 0 if report["ok"] else 1
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -87,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preprocess", help="decode, rescale and pack a dataset into LMDB shards")
     C.add_arguments(p, C.PreprocessConfig)
     p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("verify", help="check every shard and record of a preprocess OUT "
+                       "(exit 0: whole, 1: problems found)")
+    p.add_argument("--data", required=True, help="the preprocess OUT (holds manifest.json)")
+    p.add_argument("--decode", action="store_true", help="also decode every image (slower)")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("train", help="distributed training on Ray Train, tracked in MLflow")
     C.add_arguments(p, C.TrainConfig)

@@ -34,19 +34,25 @@ def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
 # --------------------------------------------------------------------------- preprocess
 @dataclass
 class PreprocessConfig:
-    source: str = opt("", "source dataset root (ImageNet layout) to read")
+    source: str = opt("", "source dataset: a folder (ImageNet, ImageFolder, CIFAR batches) or "
+                      "an images list file")
     out: str = opt("", "output directory for shards, manifest.json and quarantine.jsonl")
-    layout: str = opt("auto", "source layout; auto detects it", ("auto", "imagenet"))
+    layout: str = opt("auto", "source layout; auto detects it and says which it found",
+                      ("auto", "imagenet", "imagefolder", "images-list", "cifar"))
     resize: int = opt(256, "rescale so the shorter side is this many pixels")
     center_crop: bool = opt(True, "then keep the central resize x resize square (the paper's 256x256)")
     encoding: str = opt("jpeg", "record encoding: jpeg (small) or raw uint8 (no decode cost)",
                         ("jpeg", "raw"))
     quality: int = opt(90, "JPEG quality for encoding=jpeg")
-    shard_size: int = opt(256, "target shard size in MB (ignored when --shards is set)")
+    shard_size: float = opt(256.0, "target shard size in MB (ignored when --shards is set)")
     shards: int = opt(0, "number of shards per split (0: derive from --shard-size)")
     seed: int = opt(0, "seed of the record order across shards (training reads shards in order)")
     batch_size: int = opt(32, "images per Ray Data decode batch")
+    reduced_decode: bool = opt(True, "decode large JPEGs at 1/2, 1/4 or 1/8 size in the DCT "
+                               "domain when the shorter side stays >= --resize (faster)")
     overwrite: bool = opt(False, "replace an existing OUT made with other parameters")
+    dry_run: bool = opt(False, "list what would be done (counts per split and class, shards) "
+                        "without writing anything")
 
 
 # --------------------------------------------------------------------------- train

@@ -1,11 +1,36 @@
 """Decode, rescale and encode one image, robustly: every failure is a reason, never a crash.
 
-Used by preprocessing (and batch inference) inside Ray Data tasks. OpenCV with libjpeg-turbo
-does the work: decoding is most of the cost of preprocessing, and cv2.imdecode is among the
-fastest decoders available from pip.
+Used by preprocessing and batch inference inside Ray Data tasks; tests: `pytest tests/test_decode.py`.
+
+Order of work for one file's bytes (`decode_rgb`):
+  1. `read_header` parses the container header only (JPEG SOF, PNG IHDR, GIF, BMP, WebP,
+     TIFF, PNM) for the format, width, height and JPEG component count. Nothing is decoded
+     yet, so empty files, HTML error pages, unknown formats and decompression bombs (a header
+     claiming 65000x65000) are rejected here, before any pixel buffer is allocated. Bytes are
+     handed to a decoder only after their header was read and the dimensions accepted.
+  2. JPEG (the bulk of ImageNet): OpenCV's libjpeg-turbo, which is among the fastest decoders
+     on pip. When the shorter side is at least 2x/4x/8x the target size, libjpeg decodes
+     straight to 1/2, 1/4 or 1/8 size in the DCT domain (IMREAD_REDUCED_COLOR_n), which skips
+     most of the IDCT, colour conversion and resize work for large photos.
+     4-component JPEGs (CMYK and YCCK; ImageNet has 22 CMYK ones) decode through the same
+     call: libjpeg turns YCCK into CMYK, and OpenCV converts CMYK to RGB with the Adobe
+     convention (inverted CMYK) that Photoshop writes and Pillow and browsers assume too,
+     so colours match the RGB original (tests/test_decode.py: mean error below 1 level,
+     like an RGB JPEG's own) instead of coming out inverted.
+  3. Other formats: OpenCV with IMREAD_UNCHANGED, then: grayscale -> 3 equal channels,
+     16-bit -> 8-bit by rounding x/257, alpha composited over white (what a viewer shows;
+     dropping alpha would expose whatever colour transparent pixels happen to store).
+
+EXIF orientation is ignored (IMREAD_IGNORE_ORIENTATION): pixels are used as stored, as
+torchvision's PIL loader, fb.resnet.torch and the reference ImageNet pipelines do, so the
+training pixels, the mean/PCA and the evaluation inputs match what models trained elsewhere
+saw. Batch inference calls the same function, so training and serving agree either way.
 """
 
 from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -13,50 +38,262 @@ import numpy as np
 # The decoders' own threads fight Ray's one-task-per-core scheduling; one thread a task.
 cv2.setNumThreads(1)
 
-# Refuse images whose pixel count would need more than ~1 GB once decoded (a header claiming
-# 65000x65000 is a decompression bomb, not a photo).
-MAX_PIXELS = 178_956_970  # Pillow's default limit, for the same reason
+# Refuse images whose pixel count would need more than ~540 MB once decoded as RGB: a header
+# claiming 65000x65000 is a decompression bomb, not a photo. Same limit as Pillow's error
+# threshold; the largest ILSVRC-2012 image is far below it.
+MAX_PIXELS = 178_956_970
+# With --no-center-crop the longer side is kept; refuse rescaled images longer than this many
+# times the target (a 1x5000 strip rescaled to 256 would be a 1.3-million-pixel-long row).
+MAX_ASPECT = 16
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+# libjpeg writes RGB straight out (IMREAD_COLOR_RGB): no BGR->RGB pass afterwards, which as a
+# numpy [:, :, ::-1] copy costs more than a third of the decode itself.
+_RGB = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+_REDUCED = {f: (getattr(cv2, f"IMREAD_REDUCED_COLOR_{f}") & ~cv2.IMREAD_COLOR_BGR) | _RGB
+            for f in (8, 4, 2)}
 
 
 class DecodeError(ValueError):
     """An image that cannot be turned into RGB pixels; the message is the quarantine reason."""
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
-    """Bytes of any image file OpenCV reads -> RGB uint8 (H, W, 3). Raises DecodeError."""
+@dataclass(frozen=True)
+class ImageHeader:
+    format: str           # jpeg, png, gif, bmp, webp, tiff, pnm
+    width: int
+    height: int
+    components: int = 0   # JPEG only: 1 gray, 3 YCbCr/RGB, 4 CMYK/YCCK
+    adobe: bool = False   # JPEG only: has an Adobe APP14 marker
+
+
+# --------------------------------------------------------------------------- headers
+def _describe(data: bytes) -> str:
+    head = data[:64].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
+        kind = "HTML/XML text (an error page saved under an image name?)"
+    elif head.startswith(b"{") or head.startswith(b"["):
+        kind = "JSON text"
+    elif all(32 <= c < 127 or c in (9, 10, 13) for c in data[:64]):
+        kind = "plain text"
+    else:
+        kind = "an unknown binary format"
+    return f"not an image file: {kind}, starts with {bytes(data[:16])!r}"
+
+
+def _jpeg_header(data: bytes) -> ImageHeader:
+    i, n, adobe = 2, len(data), False
+    while i < n:
+        if data[i] != 0xFF:
+            raise DecodeError("corrupt JPEG: bad marker before the frame header")
+        while i < n and data[i] == 0xFF:  # fill bytes
+            i += 1
+        if i >= n:
+            break
+        marker = data[i]
+        i += 1
+        if marker in (0x01,) or 0xD0 <= marker <= 0xD7:  # no length field
+            continue
+        if marker in (0xD9, 0xDA):  # EOI or start of scan before any frame header
+            raise DecodeError("corrupt JPEG: no frame header (SOF) before the image data")
+        if i + 2 > n:
+            break
+        (length,) = struct.unpack_from(">H", data, i)
+        if marker == 0xEE and data[i + 2:i + 7] == b"Adobe":
+            adobe = True
+        if marker in _JPEG_SOF:
+            if i + 8 > n:
+                break
+            height, width, comps = struct.unpack_from(">HHB", data, i + 3)
+            return ImageHeader("jpeg", width, height, comps, adobe)
+        i += length
+    raise DecodeError("truncated JPEG: the file ends before its frame header")
+
+
+def _webp_header(data: bytes) -> ImageHeader:
+    chunk = data[12:16]
+    if chunk == b"VP8X" and len(data) >= 30:
+        w = int.from_bytes(data[24:27], "little") + 1
+        h = int.from_bytes(data[27:30], "little") + 1
+    elif chunk == b"VP8L" and len(data) >= 25:
+        bits = int.from_bytes(data[21:25], "little")
+        w, h = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    elif chunk == b"VP8 " and len(data) >= 30:
+        w, h = (v & 0x3FFF for v in struct.unpack_from("<HH", data, 26))
+    else:
+        raise DecodeError("truncated or unsupported WebP header")
+    return ImageHeader("webp", w, h)
+
+
+def _tiff_header(data: bytes) -> ImageHeader:
+    end = "<" if data[:2] == b"II" else ">"
+    try:
+        (ifd,) = struct.unpack_from(end + "I", data, 4)
+        (count,) = struct.unpack_from(end + "H", data, ifd)
+        dims = {}
+        for k in range(count):
+            tag, typ, _, value = struct.unpack_from(end + "HHI4s", data, ifd + 2 + 12 * k)
+            if tag in (256, 257):  # ImageWidth, ImageLength: SHORT or LONG
+                dims[tag] = struct.unpack_from(end + ("H" if typ == 3 else "I"), value)[0]
+        return ImageHeader("tiff", dims[256], dims[257])
+    except (struct.error, KeyError):
+        raise DecodeError("truncated or corrupt TIFF header (no image width/length)") from None
+
+
+def _pnm_header(data: bytes) -> ImageHeader:
+    fields, i = [], 2
+    while len(fields) < 2 and i < min(len(data), 4096):
+        while i < len(data) and data[i:i + 1].isspace():
+            i += 1
+        if data[i:i + 1] == b"#":  # comment to end of line
+            while i < len(data) and data[i] not in (10, 13):
+                i += 1
+            continue
+        j = i
+        while j < len(data) and data[j:j + 1].isdigit():
+            j += 1
+        if j == i:
+            break
+        fields.append(int(data[i:j]))
+        i = j
+    if len(fields) < 2:
+        raise DecodeError("truncated or corrupt PNM header")
+    return ImageHeader("pnm", fields[0], fields[1])
+
+
+def read_header(data: bytes) -> ImageHeader:
+    """Format and dimensions from the first bytes; raises DecodeError for anything that is not
+    a supported image. Never allocates more than the header it reads."""
     if len(data) == 0:
         raise DecodeError("empty file (0 bytes)")
+    if data[:3] == b"\xff\xd8\xff":
+        return _jpeg_header(data)
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise DecodeError("truncated PNG: no IHDR header")
+        w, h = struct.unpack_from(">II", data, 16)
+        return ImageHeader("png", w, h)
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        if len(data) < 10:
+            raise DecodeError("truncated GIF header")
+        w, h = struct.unpack_from("<HH", data, 6)
+        return ImageHeader("gif", w, h)
+    if data[:2] == b"BM":
+        if len(data) < 26:
+            raise DecodeError("truncated BMP header")
+        w, h = struct.unpack_from("<ii", data, 18)
+        return ImageHeader("bmp", abs(w), abs(h))  # negative height = top-down rows
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return _webp_header(data)
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return _tiff_header(data)
+    if data[:1] == b"P" and data[1:2] in b"123456" and len(data) > 2 and data[2:3].isspace():
+        return _pnm_header(data)
+    raise DecodeError(_describe(data))
+
+
+def check_header(header: ImageHeader) -> None:
+    if header.width <= 0 or header.height <= 0:
+        raise DecodeError(f"{header.format} header says {header.width}x{header.height} pixels")
+    pixels = header.width * header.height
+    if pixels > MAX_PIXELS:
+        raise DecodeError(f"decompression bomb: {header.format} header says "
+                          f"{header.width}x{header.height} = {pixels} pixels "
+                          f"(limit {MAX_PIXELS}); not decoded")
+
+
+def reduction(header: ImageHeader, min_side: int) -> int:
+    """The DCT scale-down factor (1, 2, 4 or 8) that keeps the shorter side >= min_side."""
+    if header.format != "jpeg" or min_side <= 0:
+        return 1
+    short = min(header.width, header.height)
+    return next((f for f in _REDUCED if short >= f * min_side), 1)
+
+
+# --------------------------------------------------------------------------- decoding
+def _to_uint8(img: np.ndarray) -> np.ndarray:
+    if img.dtype == np.uint8:
+        return img
+    if img.dtype == np.uint16:  # round(x / 257): 65535 -> 255, exact for x = 257 * k
+        return ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    raise DecodeError(f"unsupported sample type {img.dtype} (only 8- and 16-bit integers)")
+
+
+def _rgb_from_unchanged(img: np.ndarray) -> np.ndarray:
+    img = _to_uint8(img)
+    if img.ndim == 2:
+        return np.ascontiguousarray(np.repeat(img[:, :, None], 3, axis=2))
+    channels = img.shape[2]
+    if channels == 1:
+        return np.ascontiguousarray(np.repeat(img, 3, axis=2))
+    if channels == 3:
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if channels == 4:  # BGRA: composite over white, integer-rounded
+        alpha = img[:, :, 3:4].astype(np.uint16)
+        rgb = img[:, :, 2::-1].astype(np.uint16)
+        out = (rgb * alpha + 255 * (255 - alpha) + 127) // 255
+        return np.ascontiguousarray(out.astype(np.uint8))
+    raise DecodeError(f"unsupported channel count {channels}")
+
+
+def decode_rgb(data: bytes, min_side: int = 0) -> np.ndarray:
+    """Bytes of an image file -> RGB uint8 (H, W, 3). Raises DecodeError with the reason.
+
+    min_side > 0 allows reduced-size JPEG decoding as long as the shorter side stays
+    >= min_side (pass the rescale target; 0 always decodes at full size)."""
+    header = read_header(data)
+    check_header(header)
     buf = np.frombuffer(data, dtype=np.uint8)
-    # IMREAD_COLOR converts grayscale and CMYK to 3-channel BGR and drops alpha.
-    bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise DecodeError("not a decodable image (corrupt, truncated or not an image format)")
-    if bgr.shape[0] * bgr.shape[1] > MAX_PIXELS:
-        raise DecodeError(f"image of {bgr.shape[1]}x{bgr.shape[0]} exceeds {MAX_PIXELS} pixels")
-    if bgr.dtype != np.uint8:  # 16-bit PNG/TIFF: keep the top 8 bits
-        bgr = (bgr >> 8).astype(np.uint8) if bgr.dtype == np.uint16 else bgr.astype(np.uint8)
-    return np.ascontiguousarray(bgr[:, :, ::-1])
+    try:
+        if header.format == "jpeg":
+            if data.rfind(b"\xff\xd9") < 0:
+                raise DecodeError("truncated JPEG: no end-of-image marker")
+            rgb = cv2.imdecode(buf, _REDUCED.get(reduction(header, min_side), _RGB))
+            if rgb is None:
+                raise DecodeError("corrupt or truncated JPEG (the decoder gave up)")
+            return rgb
+        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)  # also ignores EXIF orientation
+    except cv2.error as exc:
+        raise DecodeError(f"{header.format} decoder error: {str(exc).strip().splitlines()[-1]}")\
+            from None
+    if img is None:
+        raise DecodeError(f"corrupt or truncated {header.format.upper()} (the decoder gave up)")
+    return _rgb_from_unchanged(img)
 
 
+# --------------------------------------------------------------------------- rescale, encode
 def rescale(rgb: np.ndarray, size: int, center_crop: bool = True) -> np.ndarray:
-    """Shorter side to `size` (INTER_AREA when shrinking, which avoids aliasing; bilinear when
-    growing), then the central size x size square when `center_crop` (the paper's 256x256)."""
+    """Shorter side to `size`, then the central size x size square when `center_crop` (the
+    paper's 256x256). INTER_AREA when shrinking (no aliasing), bilinear when growing.
+
+    With the crop, the central square is cut from the source first and only it is resized:
+    the same geometry as resize-then-crop (to under one source pixel of the crop offset), a
+    quarter less resize work on a 4:3 photo, and no huge intermediate for a 1x5000 strip."""
     h, w = rgb.shape[:2]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    if (nh, nw) != (h, w):
+    if center_crop:
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        rgb = rgb[top:top + side, left:left + side]
+        nh = nw = size
+        scale = size / side
+    else:
+        scale = size / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        if max(nh, nw) > MAX_ASPECT * size:
+            raise DecodeError(f"aspect ratio of {w}x{h} is beyond 1:{MAX_ASPECT}; rescaling "
+                              f"with --no-center-crop would make a {nw}x{nh} image")
+    if (nh, nw) != rgb.shape[:2]:
         interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
         rgb = cv2.resize(rgb, (nw, nh), interpolation=interp)
-    if center_crop:
-        top, left = (nh - size) // 2, (nw - size) // 2
-        rgb = rgb[top:top + size, left:left + size]
     return np.ascontiguousarray(rgb)
 
 
 def encode(rgb: np.ndarray, encoding: str, quality: int = 90) -> bytes:
     if encoding == "raw":
         return rgb.tobytes()
-    ok, buf = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+    # cvtColor, not rgb[:, :, ::-1]: OpenCV would copy the strided view element by element.
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise DecodeError("JPEG encoding failed")
     return buf.tobytes()
@@ -64,10 +301,17 @@ def encode(rgb: np.ndarray, encoding: str, quality: int = 90) -> bytes:
 
 def pixel_moments(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Exact integer sums for mean and covariance: (sum of RGB [3], sum of RGB outer products
-    [3, 3], pixel count). int64 cannot overflow before ~10^9 images of 256x256."""
-    # float64 BLAS is exact here (per-image sums stay far below 2^53) and ~10x faster than an
-    # int64 matmul; the results are integers and are returned as int64 for exact reduction.
-    flat = rgb.reshape(-1, 3).astype(np.float64)
-    sums = np.rint(flat.sum(axis=0)).astype(np.int64)
-    outer = np.rint(flat.T @ flat).astype(np.int64)
-    return sums, outer, flat.shape[0]
+    [3, 3], pixel count). int64 cannot overflow before ~10^9 images of 256x256.
+
+    Each product of two channels fits uint16 (255 * 255 = 65025), and OpenCV sums an image
+    exactly into a double while below 2^53 (an image under MAX_PIXELS stays below 1.2e13), so
+    six cv2.multiply + cv2.sumElems give exact integers at a fraction of the cost of a float64
+    matmul plus numpy's strided axis-0 sums (measured ~4x faster)."""
+    channels = cv2.split(np.ascontiguousarray(rgb))
+    sums = np.rint(cv2.sumElems(rgb)[:3]).astype(np.int64)
+    outer = np.empty((3, 3), np.int64)
+    for i in range(3):
+        for j in range(i, 3):
+            product = cv2.multiply(channels[i], channels[j], dtype=cv2.CV_16U)
+            outer[i, j] = outer[j, i] = round(cv2.sumElems(product)[0])
+    return sums, outer, rgb.shape[0] * rgb.shape[1]

@@ -1,24 +1,33 @@
 """Preprocess a source dataset into LMDB shards, with mean/std and RGB PCA, on Ray Data.
 
     python workflow.py preprocess --source data/sample --out data/sample-shards
+    python workflow.py preprocess --source SRC --out OUT --dry-run     # plan only, writes nothing
+    python workflow.py verify --data data/sample-shards
 
-Stages (one streaming Ray Data pipeline per run):
-  listing (driver, no stat per file) -> shuffled with --seed and cut into shards
-  -> map_batches(decode -> rescale -> encode + exact pixel moments), parallel tasks
-  -> LmdbShardSink: rows are staged per shard, idempotently (a record's key is its position),
-     and a shard whose records are all staged is written out as a finished, atomic file.
-Then the driver reads the shards' sidecars and writes quarantine.jsonl and, last and
-atomically, manifest.json: its presence means the data is complete.
+Stages (one streaming Ray Data pipeline per run, all splits together):
+  listing (driver, no stat per file, pipelines/sources.py) -> shuffled with --seed and cut
+  into near-equal shards -> map_batches(read -> decode -> rescale -> encode + exact pixel
+  moments), parallel tasks on every node -> LmdbShardSink: rows are staged per shard,
+  idempotently (a record's key is its position), and a shard whose records are all staged
+  is written out as a finished, atomic file with a JSON sidecar (its commit record).
+Then the driver reads the sidecars and writes quarantine.jsonl and, last and atomically,
+manifest.json: its presence means the data is complete.
 
 Every rejected image lands in quarantine.jsonl with a reason; no single file fails the job.
+Problems with the whole input or output (no images, unreadable source, unwritable OUT, disk
+full, a source that changed under a half-finished OUT) raise PreprocessError/SourceError
+with what to do; `workflow.py` prints them as one line and exits with status 2.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import math
 import os
+import shutil
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -33,32 +42,61 @@ from pipelines.decode import DecodeError, decode_rgb, encode, pixel_moments, res
 from pipelines.runtime import init_ray
 from pipelines.sources import Listing, list_source
 
-# Bytes per encoded 256x256 record, to size shards before anything is encoded.
+# Bytes per encoded 256x256 record when no sample could be encoded to measure it.
 EST_RECORD_BYTES = {"jpeg": 30_000, "raw": 256 * 256 * 3}
+SIZE_SAMPLE = 32  # images encoded in the driver to estimate record size (shard planning)
 STAGING = ".staging"
+LOW_DISK_BYTES = 64 << 20  # under this much free space, a failed write means a full disk
+PLAN = "plan.json"
 
 
 class PreprocessError(RuntimeError):
     """The whole job cannot proceed; the message says what to do."""
 
 
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 # --------------------------------------------------------------------------- map stage
+def _read(source: str, rel: str) -> bytes:
+    with open(os.path.join(source, rel), "rb") as fh:
+        return fh.read()
+
+
+def process_one(data: bytes | None, pixels: bytes | None, resize: int, center_crop: bool,
+                encoding: str, quality: int, reduced_decode: bool) -> tuple[np.ndarray, bytes]:
+    """One image's bytes (a file's, or a CIFAR row's CHW pixels) -> (rescaled RGB, encoded)."""
+    if pixels is not None:  # CIFAR: 3072 bytes, channel-major 3 x 32 x 32
+        rgb = np.frombuffer(pixels, np.uint8).reshape(3, 32, 32).transpose(1, 2, 0)
+    else:
+        rgb = decode_rgb(data, min_side=resize if reduced_decode else 0)
+    rgb = rescale(rgb, resize, center_crop)
+    return rgb, encode(rgb, encoding, quality)
+
+
 def process_batch(batch: dict[str, np.ndarray], source: str, resize: int, center_crop: bool,
-                  encoding: str, quality: int) -> dict[str, Any]:
-    """Decode, rescale, encode a batch of files; a failure becomes a reason, not an error."""
+                  encoding: str, quality: int, reduced_decode: bool = True) -> dict[str, Any]:
+    """Read, decode, rescale, encode a batch; a failure becomes a reason, not an error."""
     n = len(batch["path"])
     values, reasons = [b""] * n, [""] * n
     sums = np.zeros((n, 3), np.int64)
     outers = np.zeros((n, 9), np.int64)
     pixels = np.zeros(n, np.int64)
+    cifar = batch.get("pixels")
     for i, rel in enumerate(batch["path"]):
         try:
-            with open(os.path.join(source, rel), "rb") as fh:
-                data = fh.read()
-            rgb = rescale(decode_rgb(data), resize, center_crop)
-            image = encode(rgb, encoding, quality)
-        except (DecodeError, OSError) as exc:
-            reasons[i] = str(exc) if isinstance(exc, DecodeError) else f"unreadable: {exc.strerror}"
+            if cifar is not None:
+                rgb, image = process_one(None, bytes(cifar[i]), resize, center_crop, encoding,
+                                         quality, reduced_decode)
+            else:
+                rgb, image = process_one(_read(source, str(rel)), None, resize, center_crop,
+                                         encoding, quality, reduced_decode)
+        except DecodeError as exc:
+            reasons[i] = str(exc)
+            continue
+        except OSError as exc:  # permissions, a folder or a dangling link named *.JPEG, EIO
+            reasons[i] = f"unreadable: {exc.strerror or exc}"
             continue
         except Exception as exc:  # noqa: BLE001 - any decoder surprise is this file's problem
             reasons[i] = f"decode failed: {type(exc).__name__}: {exc}"
@@ -67,7 +105,8 @@ def process_batch(batch: dict[str, np.ndarray], source: str, resize: int, center
                                    str(rel), image)
         s, o, p = pixel_moments(rgb)
         sums[i], outers[i], pixels[i] = s, o.reshape(9), p
-    return {**batch, "value": np.array(values, dtype=object), "reason": np.array(reasons),
+    out = {k: v for k, v in batch.items() if k != "pixels"}  # raw CIFAR pixels stop here
+    return {**out, "value": np.array(values, dtype=object), "reason": np.array(reasons),
             "sum": sums, "outer": outers, "pixels": pixels}
 
 
@@ -84,32 +123,44 @@ def _sidecar(out: Path, split: str, shard: int) -> Path:
     return out / f"{shard_name(split, shard)}.json"
 
 
-def _stage_rows(out: Path, split: str, shard: int, rows: list[dict]) -> tuple[int, int]:
-    """Put rows into the shard's staging LMDB; returns (staged, expected). Idempotent: a key
-    is the record's position, put with overwrite=False, so a retried task adds nothing twice."""
+def _open_stage(path: Path, readonly: bool = False):
     import lmdb
 
+    # lock=True: several write tasks on this node may stage into the same shard at once.
+    return lmdb.open(str(path), subdir=False, map_size=sh.MAP_SIZE, lock=True, meminit=False,
+                     readonly=readonly)
+
+
+def _stage_rows(out: Path, split: str, shard: int, rows: list[dict]) -> tuple[int, int]:
+    """Put rows into the shard's staging LMDB; returns (staged, expected). Idempotent: a key
+    is the record's position, put with overwrite=False, so a retried task adds nothing twice
+    and the pixel sums count each record once."""
     path = _stage_path(out, split, shard)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # lock=True: several write tasks on this node may stage into the same shard at once.
-    env = lmdb.open(str(path), subdir=False, map_size=sh.MAP_SIZE, lock=True, meminit=False)
+    env = _open_stage(path)
     try:
         with env.begin(write=True) as txn:
             state = json.loads(txn.get(b"__state__") or b'{"staged": 0}')
+            add_sum, add_outer, add_pixels = np.zeros(3, np.int64), np.zeros(9, np.int64), 0
             for r in rows:
-                entry = r["value"] if r["value"] else json.dumps(
+                ok = bool(r["value"])
+                entry = r["value"] if ok else json.dumps(
                     {"path": r["path"], "reason": r["reason"]}).encode()
-                prefix = b"r" if r["value"] else b"q"
-                key = prefix + b"%010d" % r["pos"]
-                if txn.get((b"q" if prefix == b"r" else b"r") + key[1:]) is not None:
+                pos = b"%010d" % r["pos"]
+                if txn.get((b"q" if ok else b"r") + pos) is not None:
                     continue  # staged before under the other outcome: keep the first
-                if txn.put(key, entry, overwrite=False):
+                if txn.put((b"r" if ok else b"q") + pos, entry, overwrite=False):
                     state["staged"] += 1
-                    if r["value"]:
-                        state["sum"] = (np.array(state.get("sum", [0] * 3)) + r["sum"]).tolist()
-                        state["outer"] = (np.array(state.get("outer", [0] * 9))
-                                          + r["outer"]).tolist()
-                        state["pixels"] = state.get("pixels", 0) + int(r["pixels"])
+                    if ok:
+                        add_sum += np.asarray(r["sum"], np.int64)
+                        add_outer += np.asarray(r["outer"], np.int64)
+                        add_pixels += int(r["pixels"])
+            # Python ints in JSON: exact whatever the size.
+            state["sum"] = [a + int(b) for a, b in zip(state.get("sum", [0] * 3), add_sum,
+                                                        strict=True)]
+            state["outer"] = [a + int(b) for a, b in zip(state.get("outer", [0] * 9), add_outer,
+                                                          strict=True)]
+            state["pixels"] = state.get("pixels", 0) + add_pixels
             state["expected"] = int(rows[0]["shard_size"])
             txn.put(b"__state__", json.dumps(state).encode())
     finally:
@@ -117,38 +168,60 @@ def _stage_rows(out: Path, split: str, shard: int, rows: list[dict]) -> tuple[in
     return state["staged"], state["expected"]
 
 
+def staged_positions(out: Path, split: str, shard: int) -> np.ndarray:
+    """Positions already staged for an unfinished shard (a killed run's work, not redone)."""
+    path = _stage_path(out, split, shard)
+    if not path.exists():
+        return np.zeros(0, np.int64)
+    env = _open_stage(path, readonly=True)
+    try:
+        with env.begin() as txn:
+            return np.array([int(k[1:]) for k in txn.cursor().iternext(values=False)
+                             if k[:1] in (b"r", b"q")], np.int64)
+    finally:
+        env.close()
+
+
 def finalize_shard(out: Path, split: str, shard: int) -> dict | None:
     """Write the finished shard from its complete staging file, then its sidecar (the commit
-    record), then drop the staging file. Returns the sidecar, or None if not complete."""
-    import lmdb
+    record), then drop the staging file. Returns the sidecar, or None if not complete.
 
+    Serialised per shard with a file lock: two write tasks may both see a shard complete."""
     stage = _stage_path(out, split, shard)
     if not stage.exists():
         return None
-    env = lmdb.open(str(stage), subdir=False, map_size=sh.MAP_SIZE, lock=True, readonly=True)
-    try:
-        with env.begin() as txn:
-            state = json.loads(txn.get(b"__state__") or b"{}")
-            if not state or state["staged"] != state["expected"]:
-                return None
-            values, quarantine = [], []
-            for key, value in txn.cursor():
-                if key.startswith(b"r"):
-                    values.append(bytes(value))
-                elif key.startswith(b"q"):
-                    quarantine.append({"split": split, **json.loads(bytes(value))})
-    finally:
-        env.close()
-    final = out / shard_name(split, shard)
-    sha = sh.write_shard(final, values, {"split": split, "shard": shard})
-    sidecar = {"path": shard_name(split, shard), "records": len(values), "sha256": sha,
-               "bytes": final.stat().st_size, "quarantine": quarantine,
-               "sum": state.get("sum", [0] * 3), "outer": state.get("outer", [0] * 9),
-               "pixels": state.get("pixels", 0)}
-    _atomic_write(_sidecar(out, split, shard), json.dumps(sidecar))
-    stage.unlink(missing_ok=True)
-    Path(str(stage) + "-lock").unlink(missing_ok=True)
+    with open(str(stage) + ".finalize", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _sidecar(out, split, shard).exists() or not stage.exists():
+            return None  # another task finished it meanwhile
+        env = _open_stage(stage, readonly=True)
+        try:
+            with env.begin() as txn:
+                state = json.loads(txn.get(b"__state__") or b"{}")
+                if not state or state["staged"] != state["expected"]:
+                    return None
+                values, quarantine = [], []
+                for key, value in txn.cursor():
+                    if key.startswith(b"r"):
+                        values.append(bytes(value))
+                    elif key.startswith(b"q"):
+                        quarantine.append({"split": split, **json.loads(bytes(value))})
+        finally:
+            env.close()
+        final = out / shard_name(split, shard)
+        sha = sh.write_shard(final, values, {"split": split, "shard": shard})
+        sidecar = {"path": shard_name(split, shard), "records": len(values), "sha256": sha,
+                   "bytes": final.stat().st_size, "quarantine": quarantine,
+                   "sum": state.get("sum", [0] * 3), "outer": state.get("outer", [0] * 9),
+                   "pixels": state.get("pixels", 0), "committed_at": time.time()}
+        _atomic_write(_sidecar(out, split, shard), json.dumps(sidecar))
+        _drop_stage(stage)
     return sidecar
+
+
+def _drop_stage(stage: Path) -> None:
+    for p in (stage, Path(str(stage) + "-lock"), Path(str(stage) + ".finalize")):
+        p.unlink(missing_ok=True)
 
 
 class LmdbShardSink:
@@ -187,34 +260,75 @@ class LmdbShardSink:
         return _Sink(*args, **kwargs)
 
 
-# --------------------------------------------------------------------------- driver
+# --------------------------------------------------------------------------- planning
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
-def plan_shards(n: int, cfg: PreprocessConfig) -> int:
+def estimate_record_bytes(listing: Listing, split: str, cfg: PreprocessConfig) -> float:
+    """Mean record size of up to SIZE_SAMPLE evenly spaced images of the split, encoded here
+    with the job's own settings (deterministic: the listing is sorted)."""
+    items = listing.splits[split]
+    picks = np.unique(np.linspace(0, len(items) - 1, min(SIZE_SAMPLE, len(items))).astype(int))
+    sizes = []
+    for i in picks:
+        rel, _ = items[i]
+        try:
+            pix = listing.pixels[split][i].tobytes() if split in listing.pixels else None
+            data = None if pix is not None else _read(listing.root, rel)
+            _, image = process_one(data, pix, cfg.resize, cfg.center_crop, cfg.encoding,
+                                   cfg.quality, cfg.reduced_decode)
+            sizes.append(len(image) + sh.HEADER.size + len(rel.encode()))
+        except (DecodeError, OSError):
+            continue
+    if sizes:
+        return float(np.mean(sizes))
+    return EST_RECORD_BYTES[cfg.encoding] * (cfg.resize / 256) ** 2
+
+
+def plan_shards(n: int, cfg: PreprocessConfig, record_bytes: float | None = None) -> int:
+    """Shards for a split of n images: --shards, or enough to keep each near --shard-size MB."""
     if cfg.shards > 0:
         return max(1, min(cfg.shards, n))
-    est = n * EST_RECORD_BYTES[cfg.encoding] * (cfg.resize / 256) ** 2
+    if record_bytes is None:
+        record_bytes = EST_RECORD_BYTES[cfg.encoding] * (cfg.resize / 256) ** 2
+    est = n * record_bytes
     return max(1, min(n, math.ceil(est / (cfg.shard_size * 1e6))))
 
 
 def assign_shards(items: list[tuple[str, int]], num_shards: int, seed: int,
-                  split: str) -> pa.Table:
+                  split: str, pixels: np.ndarray | None = None) -> pa.Table:
     """Shuffle with the seed (training reads shards in order, so the order is decided here)
-    and cut into `num_shards` near-equal contiguous shards."""
+    and cut into `num_shards` near-equal contiguous shards (sizes differ by at most one)."""
     order = np.random.default_rng([seed, sum(split.encode())]).permutation(len(items))
     shard_of = np.empty(len(items), np.int64)
     pos = np.empty(len(items), np.int64)
     sizes = np.empty(len(items), np.int64)
     for s, chunk in enumerate(np.array_split(np.arange(len(items)), num_shards)):
         shard_of[chunk], pos[chunk], sizes[chunk] = s, np.arange(len(chunk)), len(chunk)
-    paths = [items[i][0] for i in order]
-    labels = [items[i][1] for i in order]
-    return pa.table({"split": [split] * len(items), "shard": shard_of, "pos": pos,
-                     "shard_size": sizes, "path": paths, "label": labels})
+    columns = {"split": [split] * len(items), "shard": shard_of, "pos": pos,
+               "shard_size": sizes, "path": [items[i][0] for i in order],
+               "label": [items[i][1] for i in order]}
+    if pixels is not None:  # CIFAR rows carry their pixels (3072 bytes each)
+        flat = np.ascontiguousarray(pixels[order])
+        columns["pixels"] = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(flat.shape[1]), len(items), [None, pa.py_buffer(flat.tobytes())])
+    return pa.table(columns)
+
+
+def listing_digest(listing: Listing) -> str:
+    """sha256 over every split's (path, label) list: a resumed run must see the same source."""
+    digest = hashlib.sha256()
+    for split in sorted(listing.splits):
+        digest.update(split.encode() + b"\0")
+        for rel, label in listing.splits[split]:
+            digest.update(f"{rel}\t{label}\n".encode())
+    return digest.hexdigest()
 
 
 def moments_to_stats(total_sum: np.ndarray, total_outer: np.ndarray, pixels: int) -> dict:
@@ -231,6 +345,15 @@ def moments_to_stats(total_sum: np.ndarray, total_outer: np.ndarray, pixels: int
             "cov": cov.tolist()}
 
 
+# --------------------------------------------------------------------------- driver
+def _params(cfg: PreprocessConfig, listing: Listing) -> dict:
+    skip = ("out", "overwrite", "batch_size", "dry_run")
+    params = {k: v for k, v in to_dict(cfg).items() if k not in skip}
+    params["source"] = str(Path(cfg.source).resolve())
+    params["layout"] = listing.layout
+    return params
+
+
 def _check_out(out: Path, params: dict, overwrite: bool) -> None:
     recorded = out / "preprocess.json"
     if recorded.exists():
@@ -241,83 +364,256 @@ def _check_out(out: Path, params: dict, overwrite: bool) -> None:
                 raise PreprocessError(
                     f"{out} was made with other parameters {diff} (old, new). Use another "
                     f"--out, or --overwrite to replace it.")
-            import shutil
-
-            for child in out.iterdir():
-                if child.name != ".lock":
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            _clear(out)
     _atomic_write(recorded, json.dumps(params, indent=1, sort_keys=True))
 
 
-def run_preprocess(cfg: PreprocessConfig) -> dict:
-    """Run the whole job; returns the manifest (also written to OUT/manifest.json)."""
-    import ray
+def _clear(out: Path) -> None:
+    for child in out.iterdir():
+        if child.name != ".lock":
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
 
-    if not cfg.source or not cfg.out:
-        raise PreprocessError("both --source and --out are required")
-    started = time.time()
-    out = Path(cfg.out)
-    listing: Listing = list_source(cfg.source, cfg.layout)
+
+def _open_out(out: Path):
+    """Create OUT and take its lock; PreprocessError when OUT is not writable or busy."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / ".lock", "w")  # noqa: SIM115 - held for the whole run
+        probe = out / f".probe.{os.getpid()}"
+        probe.write_bytes(b"x")
+        probe.unlink()
     except OSError as exc:
-        raise PreprocessError(f"output {out} is not writable: {exc}") from exc
+        raise PreprocessError(f"output {out} is not writable ({exc.strerror or exc}); choose "
+                              "another --out or fix its permissions") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        lock.close()
         raise PreprocessError(f"another preprocess is writing to {out} now; wait for it to "
                               "finish or use another --out") from None
-    params = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "overwrite", "batch_size")}
-    params["source"] = str(Path(cfg.source).resolve())
-    _check_out(out, params, cfg.overwrite)
+    return lock
 
-    tables, plan = [], {}
+
+def _make_plan(listing: Listing, cfg: PreprocessConfig) -> dict:
+    plan = {"listing_sha256": listing_digest(listing), "splits": {}}
     for split, items in listing.splits.items():
-        n_shards = plan_shards(len(items), cfg) if items else 0
-        plan[split] = n_shards
+        if items:
+            rb = estimate_record_bytes(listing, split, cfg)
+            n_shards = plan_shards(len(items), cfg, rb)
+        else:
+            rb, n_shards = None, 0
+        plan["splits"][split] = {"images": len(items), "shards": n_shards,
+                                 "record_bytes": round(rb) if rb else None}
+    return plan
+
+
+def _load_plan(out: Path, plan: dict, overwrite: bool) -> dict:
+    """The plan of the first run into OUT (so a resumed run cuts shards the same way);
+    refuses when the source changed since, unless --overwrite."""
+    path = out / PLAN
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("listing_sha256") == plan["listing_sha256"]:
+            return old
+        if not overwrite:
+            counts = {s: (old["splits"].get(s, {}).get("images"), v["images"])
+                      for s, v in plan["splits"].items()}
+            raise PreprocessError(f"the source changed since {out} was started (images per "
+                                  f"split, then and now: {counts}); finishing it would mix two "
+                                  "listings. Use --overwrite to start again, or another --out.")
+        _clear(out)
+    _atomic_write(path, json.dumps(plan, indent=1))
+    return plan
+
+
+def dry_run(cfg: PreprocessConfig, listing: Listing | None = None) -> dict:
+    """What `preprocess` would do, without writing anything: layout, per split and class
+    counts, quarantined-at-listing files, shard plan and estimated size."""
+    listing = listing or list_source(cfg.source, cfg.layout)
+    plan = _make_plan(listing, cfg)
+    counts = listing.counts()
+    for split, p in plan["splits"].items():
+        counts[split].update(shards=p["shards"], record_bytes=p["record_bytes"],
+                             est_mb=round((p["record_bytes"] or 0) * p["images"] / 1e6, 1))
+    return {"dry_run": True, "source": cfg.source, "out": cfg.out, "layout": listing.layout,
+            "detected": listing.detected, "classes": len(listing.classes), "splits": counts,
+            "quarantine": listing.quarantine[:50],
+            "ignored_examples": listing.ignored_examples}
+
+
+def format_dry_run(report: dict) -> str:
+    lines = [f"dry run: nothing written. layout {report['layout']} ({report['detected']}), "
+             f"{report['classes']} classes",
+             f"{'split':<8}{'images':>10}{'quarantined':>13}{'ignored':>9}{'shards':>8}"
+             f"{'est. MB':>10}"]
+    for split, c in report["splits"].items():
+        lines.append(f"{split:<8}{c['images']:>10}{c['quarantined']:>13}{c['ignored']:>9}"
+                     f"{c.get('shards', 0):>8}{c.get('est_mb', 0.0):>10.1f}")
+    for split, c in report["splits"].items():
+        per = c["per_class"]
+        if len(per) <= 20:
+            lines.append(f"{split} per class: " + ", ".join(f"{k} {v}" for k, v in per.items()))
+        elif per:
+            n = np.array(list(per.values()))
+            lines.append(f"{split} per class: min {n.min()}, median {int(np.median(n))}, max "
+                         f"{n.max()} images; {int((n == 0).sum())} of {len(n)} classes have none")
+    for q in report["quarantine"][:10]:
+        lines.append(f"would quarantine {q['split']}/{q['path']}: {q['reason']}")
+    return "\n".join(lines)
+
+
+def _output_problem(exc: BaseException, out: Path) -> str | None:
+    """A message for failures of the whole output (disk full, read-only) hidden anywhere in a
+    Ray task error's chain; None for anything else (a bug, which should show its traceback)."""
+    seen, todo, text = set(), [exc], []
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        text.append(str(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            text.append(os.strerror(e.errno))
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    blob = "\n".join(text)
+    try:
+        free = shutil.disk_usage(out).free
+    except OSError:
+        free = 0
+    # LMDB reports a failed write at commit as "Input/output error" even when the cause was a
+    # full disk, so an I/O error next to (almost) no free space is called what it is.
+    io_error = "Input/output error" in blob or "mdb_" in blob
+    if ("No space left on device" in blob or "Disk quota" in blob
+            or (io_error and free < LOW_DISK_BYTES)):
+        return (f"out of disk space writing {out} ({free / 1e6:.1f} MB free). Free some space "
+                "or use another --out, then run the same command again: finished shards are "
+                "kept.")
+    if "Read-only file system" in blob:
+        return f"output {out} is on a read-only file system; use another --out"
+    if io_error:
+        return (f"I/O error writing {out}: check the disk, then run the same command again "
+                "(finished shards are kept)")
+    return None
+
+
+def _pending_table(out: Path, listing: Listing, plan: dict, seed: int) -> tuple[pa.Table | None,
+                                                                              dict[str, int]]:
+    """Rows still to process: not in a finished shard, not staged by an earlier (killed) run."""
+    tables, todo = [], {}
+    for split, items in listing.splits.items():
+        n_shards = plan["splits"][split]["shards"]
+        todo[split] = 0
         if not items:
             continue
         (out / split).mkdir(exist_ok=True)
-        table = assign_shards(items, n_shards, cfg.seed, split)
-        for shard in range(n_shards):  # a killed run may have staged a complete shard
-            if not _sidecar(out, split, shard).exists():
-                finalize_shard(out, split, shard)
-        done = [s for s in range(n_shards) if _sidecar(out, split, s).exists()]
-        if done:
-            keep = ~np.isin(table["shard"].to_numpy(), done)
-            table = table.filter(pa.array(keep))
-        tables.append(table)
-    pending = pa.concat_tables(tables) if tables else None
-
-    if pending is not None and pending.num_rows:
-        init_ray(log_to_driver=False, configure_logging=False)
-        # Blocks of ~batch_size rows keep every core busy even when there is a single shard.
-        n_blocks = max(1, math.ceil(pending.num_rows / cfg.batch_size))
-        ds = ray.data.from_arrow([pending.slice(o, cfg.batch_size)
-                                  for o in range(0, pending.num_rows, cfg.batch_size)]
-                                 if n_blocks > 1 else pending)
-        ds = ds.map_batches(process_batch, batch_size=cfg.batch_size, batch_format="numpy",
-                            fn_kwargs={"source": str(Path(cfg.source)), "resize": cfg.resize,
-                                       "center_crop": cfg.center_crop, "encoding": cfg.encoding,
-                                       "quality": cfg.quality})
-        ds.write_datasink(LmdbShardSink(str(out)))
-    for split, n_shards in plan.items():  # shards whose last rows were staged by a retry
+        table = assign_shards(items, n_shards, seed, split, listing.pixels.get(split))
+        shard_col, pos_col = table["shard"].to_numpy(), table["pos"].to_numpy()
+        keep = np.ones(table.num_rows, bool)
         for shard in range(n_shards):
             if not _sidecar(out, split, shard).exists():
-                finalize_shard(out, split, shard)
-    manifest = build_manifest(out, listing, plan, params, time.time() - started)
-    return manifest
+                finalize_shard(out, split, shard)  # a killed run may have staged all of it
+            if _sidecar(out, split, shard).exists():
+                _drop_stage(_stage_path(out, split, shard))  # killed before dropping it
+                keep[shard_col == shard] = False
+                continue
+            staged = staged_positions(out, split, shard)
+            if staged.size:
+                keep[(shard_col == shard) & np.isin(pos_col, staged)] = False
+        table = table.filter(pa.array(keep))
+        todo[split] = table.num_rows
+        tables.append(table)
+    pending = pa.concat_tables(tables) if tables else None
+    return pending, todo
 
 
-def build_manifest(out: Path, listing: Listing, plan: dict[str, int], params: dict,
-                   seconds: float) -> dict:
+def run_preprocess(cfg: PreprocessConfig) -> dict:
+    """Run the whole job; returns the manifest (also written to OUT/manifest.json), or the
+    dry-run report when cfg.dry_run."""
+    if not cfg.source or not cfg.out:
+        raise PreprocessError("both --source and --out are required")
+    started = time.time()
+    listing: Listing = list_source(cfg.source, cfg.layout)
+    timing = {"listing_s": time.time() - started}
+    _say(f"layout {listing.layout}: {listing.detected}; "
+         + ", ".join(f"{s} {len(v)} images" for s, v in listing.splits.items()))
+    if cfg.dry_run:
+        return dry_run(cfg, listing)
+    out = Path(cfg.out)
+    lock = _open_out(out)
+    try:
+        params = _params(cfg, listing)
+        _check_out(out, params, cfg.overwrite)
+        t = time.time()
+        plan = _load_plan(out, _make_plan(listing, cfg), cfg.overwrite)
+        _check_out(out, params, False)  # _load_plan may have cleared OUT
+        pending, todo = _pending_table(out, listing, plan, cfg.seed)
+        timing["plan_s"] = time.time() - t
+        if pending is not None and pending.num_rows:
+            _warn_disk(out, pending.num_rows, plan)
+            try:
+                _run_pipeline(pending, listing.root, out, cfg, timing)
+            except Exception as exc:
+                problem = _output_problem(exc, out)
+                if problem:
+                    raise PreprocessError(problem) from None
+                raise
+        for split, p in plan["splits"].items():  # shards whose last rows a retry staged
+            for shard in range(p["shards"]):
+                if not _sidecar(out, split, shard).exists():
+                    finalize_shard(out, split, shard)
+        try:
+            return build_manifest(out, listing, plan, params, started, todo, timing)
+        except OSError as exc:
+            problem = _output_problem(exc, out)
+            if problem:
+                raise PreprocessError(problem) from None
+            raise
+    finally:
+        lock.close()
+
+
+def _warn_disk(out: Path, rows: int, plan: dict) -> None:
+    per = [p["record_bytes"] for p in plan["splits"].values() if p.get("record_bytes")]
+    need = rows * (max(per) if per else EST_RECORD_BYTES["jpeg"])
+    free = shutil.disk_usage(out).free
+    if free < 1.2 * need:
+        _say(f"warning: {out} has {free / 1e9:.2f} GB free; the shards need about "
+             f"{need / 1e9:.2f} GB (plus one shard of staging)")
+
+
+def _run_pipeline(pending: pa.Table, root: str, out: Path, cfg: PreprocessConfig,
+                  timing: dict) -> None:
+    import ray
+
+    t = time.time()
+    init_ray(log_to_driver=False, configure_logging=False)
+    timing["ray_start_s"] = time.time() - t
+    t = time.time()
+    # Blocks of batch_size rows: enough blocks to keep every core busy even for one shard,
+    # and rows arrive at the sink roughly in shard order, so few shards are staged at once.
+    n = pending.num_rows
+    blocks = [pending.slice(o, cfg.batch_size) for o in range(0, n, cfg.batch_size)]
+    ds = ray.data.from_arrow(blocks if len(blocks) > 1 else pending)
+    ds = ds.map_batches(process_batch, batch_size=cfg.batch_size, batch_format="numpy",
+                        fn_kwargs={"source": root, "resize": cfg.resize,
+                                   "center_crop": cfg.center_crop, "encoding": cfg.encoding,
+                                   "quality": cfg.quality,
+                                   "reduced_decode": cfg.reduced_decode})
+    ds.write_datasink(LmdbShardSink(str(out)))
+    timing["pipeline_s"] = time.time() - t
+
+
+def build_manifest(out: Path, listing: Listing, plan: dict, params: dict, started: float,
+                   todo: dict[str, int] | None = None, timing: dict | None = None) -> dict:
+    """Reduce the shards' sidecars into manifest.json (written last, atomically) and
+    quarantine.jsonl. `timing`: seconds of listing, planning, Ray start and the pipeline."""
+    todo = todo or {}
     quarantine = list(listing.quarantine)
     splits = {}
     train_sum, train_outer, train_pixels = np.zeros(3, np.int64), np.zeros(9, np.int64), 0
-    for split, n_shards in plan.items():
-        shard_rows, records = [], 0
-        for shard in range(n_shards):
+    for split, p in plan["splits"].items():
+        shard_rows, records, last = [], 0, started
+        for shard in range(p["shards"]):
             path = _sidecar(out, split, shard)
             if not path.exists():
                 raise PreprocessError(f"shard {shard_name(split, shard)} did not finish; "
@@ -326,35 +622,46 @@ def build_manifest(out: Path, listing: Listing, plan: dict[str, int], params: di
             quarantine.extend(side["quarantine"])
             shard_rows.append({k: side[k] for k in ("path", "records", "sha256", "bytes")})
             records += side["records"]
+            last = max(last, side.get("committed_at", started))
             if split == "train":
                 train_sum += np.array(side["sum"], np.int64)
                 train_outer += np.array(side["outer"], np.int64)
                 train_pixels += int(side["pixels"])
-        splits[split] = {"records": records, "shards": shard_rows,
-                         "quarantined": sum(q["split"] == split for q in quarantine)}
+        seconds = max(last - started, 1e-9) if todo.get(split) else 0.0
+        splits[split] = {
+            "records": records, "shards": shard_rows,
+            "quarantined": sum(q["split"] == split for q in quarantine),
+            "listed": p["images"] + sum(q["split"] == split for q in listing.quarantine),
+            "ignored_files": listing.ignored.get(split, 0),
+            "bytes": sum(s["bytes"] for s in shard_rows),
+            "processed": todo.get(split, 0), "seconds": round(seconds, 2),
+            "images_per_s": round(todo.get(split, 0) / seconds, 1) if seconds else 0.0}
     manifest = {
         "format": sh.FORMAT_VERSION,
         "layout": listing.layout,
+        "detected": listing.detected,
         "classes": listing.classes,
         "splits": splits,
         "stats": moments_to_stats(train_sum, train_outer, train_pixels),
         "preprocess": params,
-        "seconds": round(seconds, 2),
+        "seconds": round(time.time() - started, 2),
+        "timing": {k: round(v, 2) for k, v in (timing or {}).items()},
     }
-    with open(out / sh.QUARANTINE, "w") as fh:
-        for q in sorted(quarantine, key=lambda q: (q["split"], q["path"])):
-            fh.write(json.dumps(q) + "\n")
+    lines = "".join(json.dumps(q) + "\n"
+                    for q in sorted(quarantine, key=lambda q: (q["split"], q["path"])))
+    _atomic_write(out / sh.QUARANTINE, lines)
     _atomic_write(out / sh.MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
 def summary_table(manifest: dict) -> str:
-    lines = [f"{'split':<8}{'images':>10}{'quarantined':>13}{'shards':>8}{'MB':>10}"]
+    lines = [f"{'split':<8}{'images':>10}{'quarantined':>13}{'shards':>8}{'MB':>10}"
+             f"{'images/s':>10}{'wall s':>9}"]
     for split, s in manifest["splits"].items():
-        mb = sum(x["bytes"] for x in s["shards"]) / 1e6
         lines.append(f"{split:<8}{s['records']:>10}{s['quarantined']:>13}{len(s['shards']):>8}"
-                     f"{mb:>10.1f}")
+                     f"{s['bytes'] / 1e6:>10.1f}{s.get('images_per_s', 0):>10.1f}"
+                     f"{s.get('seconds', 0):>9.1f}")
     st = manifest["stats"]
     lines.append(f"mean RGB {np.round(st['mean'], 2).tolist()}  std {np.round(st['std'], 2).tolist()}"
-                 f"  eigval {np.round(st['eigval'], 2).tolist()}  ({manifest['seconds']} s)")
+                 f"  eigval {np.round(st['eigval'], 2).tolist()}  ({manifest['seconds']} s in all)")
     return "\n".join(lines)

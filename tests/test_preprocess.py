@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from pipelines import shards as sh
 from pipelines.config import PreprocessConfig
 from pipelines.decode import decode_rgb, rescale
 from pipelines.preprocess import PreprocessError, moments_to_stats, run_preprocess
+from pipelines.verify import verify_output
 
 
 def _all_records(out: Path, manifest: dict, split: str) -> list[sh.Record]:
@@ -127,7 +129,8 @@ def test_bad_files_are_quarantined_with_reasons(ray_local, tiny_source, tmp_path
     reasons = {Path(q["path"]).name: q["reason"] for q in lines}
     assert set(reasons) == {"empty.JPEG", "html.JPEG", "truncated.JPEG", "x.JPEG"}
     assert "empty" in reasons["empty.JPEG"]
-    assert "not a decodable image" in reasons["html.JPEG"]
+    assert "not an image file: HTML" in reasons["html.JPEG"]
+    assert "truncated" in reasons["truncated.JPEG"]
     assert "not in the class index" in reasons["x.JPEG"]
     assert all(q["split"] == "train" for q in lines)
     assert manifest["splits"]["train"]["quarantined"] == 4
@@ -144,7 +147,11 @@ def test_rerun_skips_finished_work_and_rebuilds_a_lost_shard(ray_local, tiny_sou
     (out / lost["path"]).unlink()
     (out / (lost["path"] + ".json")).unlink()
     second = run_preprocess(cfg)
-    assert second["splits"] == first["splits"]
+    for split in ("train", "val"):
+        assert second["splits"][split]["shards"] == first["splits"][split]["shards"]
+    assert second["splits"]["train"]["processed"] == 20  # only the lost shard's records
+    assert second["splits"]["val"]["processed"] == 0
+    assert second["stats"] == first["stats"]
 
 
 def test_refuses_changed_parameters_and_a_concurrent_run(ray_local, tiny_source, tmp_path):
@@ -185,3 +192,138 @@ def test_imagenet_sample_every_image_lands(ray_local, imagenet_sample, tmp_path)
         rgb = sh.decode_image(r)
         assert rgb.shape == (256, 256, 3)
         assert np.abs(rgb[..., 0].astype(int) - rgb[..., 2]).max() <= 3  # JPEG chroma noise
+
+
+def test_stats_are_the_same_for_1_and_4_blocks_and_workers(ray_local, tiny_source, tmp_path):
+    """One block in one task vs 8 blocks over 4 worker processes: the same numbers."""
+    one = run_preprocess(PreprocessConfig(source=str(tiny_source), out=str(tmp_path / "one"),
+                                          resize=48, batch_size=64))
+    many = run_preprocess(PreprocessConfig(source=str(tiny_source), out=str(tmp_path / "many"),
+                                           resize=48, batch_size=5, shards=3))
+    assert one["stats"]["pixels"] == many["stats"]["pixels"] == 40 * 48 * 48
+    for key in ("mean", "std", "eigval", "cov"):
+        np.testing.assert_allclose(np.array(many["stats"][key]), np.array(one["stats"][key]),
+                                   rtol=1e-6)
+    for a, b in zip(one["stats"]["eigvec"], many["stats"]["eigvec"], strict=True):
+        assert abs(np.dot(a, b)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_shard_size_and_shard_count_give_near_equal_shards(ray_local, tiny_source, tmp_path):
+    # raw 64x64 records are ~12.3 KB: 40 of them at 0.1 MB a shard -> 5 shards of 8.
+    m = run_preprocess(PreprocessConfig(source=str(tiny_source), out=str(tmp_path / "a"),
+                                        resize=64, encoding="raw", shard_size=0.1))
+    train = m["splits"]["train"]["shards"]
+    assert [s["records"] for s in train] == [8] * 5
+    assert max(s["bytes"] for s in train) <= 1.2 * min(s["bytes"] for s in train)
+    m = run_preprocess(PreprocessConfig(source=str(tiny_source), out=str(tmp_path / "b"),
+                                        resize=64, shards=3))
+    assert [s["records"] for s in m["splits"]["train"]["shards"]] == [14, 13, 13]
+    assert [s["records"] for s in m["splits"]["val"]["shards"]] == [4, 4, 4]
+
+
+def test_dry_run_lists_and_writes_nothing(tiny_source, tmp_path, capsys):
+    import workflow
+
+    out = tmp_path / "never"
+    assert workflow.main(["preprocess", "--source", str(tiny_source), "--out", str(out),
+                          "--dry-run", "--shards", "2"]) == 0
+    text = capsys.readouterr().out
+    assert not out.exists()
+    assert "dry run: nothing written. layout imagenet" in text
+    row = next(line for line in text.splitlines() if line.startswith("train "))
+    assert row.split()[:5] == ["train", "40", "0", "0", "2"]  # images, quarantined, ignored, shards
+    assert "train per class: n90000000 10, n90000001 10" in text
+    assert "val per class: n90000000 3" in text
+    report = run_preprocess(PreprocessConfig(source=str(tiny_source), out=str(out),
+                                             dry_run=True))
+    assert report["splits"]["train"]["images"] == 40
+    assert sum(report["splits"]["val"]["per_class"].values()) == 12
+    assert report["splits"]["train"]["shards"] == 1 and not out.exists()
+
+
+def test_whole_input_failures_exit_2_with_a_message(ray_local, tiny_source, tmp_path, capsys):
+    import workflow
+
+    def run(*argv) -> str:
+        assert workflow.main(["preprocess", *argv]) == 2
+        return capsys.readouterr().err
+
+    empty = tmp_path / "empty" / "train" / "n01440764"
+    empty.mkdir(parents=True)
+    assert "found no usable images" in run("--source", str(tmp_path / "empty"), "--out",
+                                           str(tmp_path / "o1"))
+    assert "does not exist" in run("--source", str(tmp_path / "nope"), "--out",
+                                   str(tmp_path / "o2"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert "is not writable" in run("--source", str(tiny_source), "--out",
+                                    str(blocker / "out"))
+
+
+def test_out_of_disk_is_a_clear_error(ray_local, tiny_source, tmp_path, capsys):
+    """A real full disk: a 300 KB tmpfs (needs root and mount; skipped otherwise)."""
+    import subprocess
+
+    import workflow
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs",
+                                            str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        code = workflow.main(["preprocess", "--source", str(tiny_source), "--out",
+                              str(mnt / "out"), "--encoding", "raw", "--resize", "64"])
+        err = capsys.readouterr().err
+        assert code == 2
+        assert "out of disk space" in err and "run the same command again" in err
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_verify_finds_corrupt_records_missing_shards_and_exits_1(ray_local, tiny_source,
+                                                                 tmp_path, capsys):
+    import workflow
+
+    out = tmp_path / "out"
+    manifest = run_preprocess(PreprocessConfig(source=str(tiny_source), out=str(out),
+                                               resize=32, encoding="raw", shards=2))
+    report = verify_output(out, decode=True)
+    assert report["ok"] and not report["problems"]
+    assert report["splits"]["train"] == {"records": 40, "shards": 2, "quarantined": 0,
+                                         "duplicates": 0}
+    assert workflow.main(["verify", "--data", str(out)]) == 0
+    assert "OK, the data is whole" in capsys.readouterr().out
+
+    shard = out / manifest["splits"]["train"]["shards"][1]["path"]
+    value = sh.ShardReader(shard).raw(3)
+    blob = bytearray(shard.read_bytes())
+    at = blob.find(value) + len(value) - 10  # inside record 3's image bytes
+    blob[at] ^= 0xFF
+    sh._ENVS.clear()
+    shard.write_bytes(bytes(blob))
+    (out / manifest["splits"]["val"]["shards"][0]["path"]).unlink()
+    report = verify_output(out)
+    assert not report["ok"]
+    problems = "\n".join(report["problems"])
+    assert "train/shard-00001.lmdb record 3: CRC mismatch" in problems
+    assert "train/shard-00001.lmdb: sha256" in problems
+    assert "val/shard-00000.lmdb: missing" in problems
+    assert workflow.main(["verify", "--data", str(out)]) == 1
+    assert "problem(s) found" in capsys.readouterr().out
+    assert workflow.main(["verify", "--data", str(tmp_path / "none")]) == 1
+
+
+def test_refuses_a_source_that_changed_under_an_existing_out(ray_local, tiny_source, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_source, src)
+    out = tmp_path / "out"
+    cfg = PreprocessConfig(source=str(src), out=str(out), resize=32)
+    run_preprocess(cfg)
+    wnid = sorted(p.name for p in (src / "train").iterdir())[0]
+    extra = src / "train" / wnid / "extra.JPEG"
+    shutil.copy(next((src / "train" / wnid).glob("*_1.JPEG")), extra)
+    with pytest.raises(PreprocessError, match="source changed"):
+        run_preprocess(cfg)
+    cfg.overwrite = True
+    assert run_preprocess(cfg)["splits"]["train"]["records"] == 41
