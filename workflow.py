@@ -5,6 +5,7 @@
     python workflow.py verify --data data/sample-shards
     python workflow.py train --data data/sample-shards --workers 2 --epochs 2
     python workflow.py batch-infer --model models:/alexnet@champion --input data/sample/val
+    python workflow.py predict cat.jpg [--model models:/alexnet@champion]
     python workflow.py info --variant paper --groups 2
 
 Ray: the cluster at RAY_ADDRESS when set (as under `ray job submit`), else a local one.
@@ -70,8 +71,31 @@ def cmd_batch_infer(args: argparse.Namespace) -> int:
     if "top1_accuracy" in result:
         line += (f"; top-1 accuracy {result['top1_accuracy']:.3f}, top-5 "
                  f"{result['top5_accuracy']:.3f} on {result['labelled']} labelled images")
-    print(line + f"; {result['seconds']} s)")
+    print(line + f"; {result['seconds']} s, {result['images_per_s']} images/s)")
+    for e in result["error_examples"]:
+        print(f"  error: {e['path']}: {e['error']}")
+    if "mlflow_run_id" in result:
+        print(f"evaluation run {result['mlflow_run_id']} (experiment {cfg.experiment!r})")
     return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pipelines.predict import format_predictions, predict_files
+
+    results = predict_files(args.images, args.model, ten_crop=args.ten_crop, top=args.top)
+    models = ", ".join(m["uri"] + (f" (version {m['version']})" if m["version"] else "")
+                       for m in results[0]["models"])
+    print(f"model: {models}")
+    format_predictions(results)
+    return 2 if any("error" in r for r in results) else 0
+
+
+def _model_flag(p: argparse.ArgumentParser) -> None:
+    # Repeatable: several --model flags make an ensemble whose softmax outputs are averaged.
+    p.add_argument("--model", action="append", default=None, metavar="URI_OR_DIR",
+                   help="models:/NAME@ALIAS (default models:/alexnet@champion), "
+                        "models:/NAME/VERSION, runs:/RUN_ID/model or a local checkpoint dir; "
+                        "give it several times for an ensemble (softmax averaged)")
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -110,9 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     C.add_arguments(p, C.TrainConfig)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("batch-infer", help="run a registered model over many images")
+    p = sub.add_parser("batch-infer", help="run a registered model over many images",
+                       conflict_handler="resolve")
     C.add_arguments(p, C.InferConfig)
+    _model_flag(p)  # replaces the config's --model with a repeatable one
     p.set_defaults(func=cmd_batch_infer)
+
+    p = sub.add_parser("predict", help="top-5 classes of a few images (no Ray)")
+    p.add_argument("images", nargs="+", help="image files")
+    _model_flag(p)
+    p.add_argument("--ten-crop", action="store_true", help="average the ten crops' softmax")
+    p.add_argument("--top", type=int, default=5, help="classes to print per image (default 5)")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("info", help="layer table of an AlexNet variant")
     p.add_argument("--variant", default="paper", choices=("paper", "torchvision", "cifar"))

@@ -125,13 +125,31 @@ class TrainConfig:
 # --------------------------------------------------------------------------- batch inference
 @dataclass
 class InferConfig:
-    model: str = opt("models:/alexnet@champion", "MLflow model URI or local checkpoint dir")
-    input: str = opt("", "images folder tree or a preprocessed OUT directory (shards)")
+    # A list: several models are an ensemble (softmax averaged). A plain string is accepted
+    # too (one model), so YAML may say `model: models:/alexnet/3`.
+    model: list[str] | str = opt(["models:/alexnet@champion"],
+                                 "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model "
+                                 "or a local checkpoint dir; repeat for an ensemble")
+    input: str = opt("", "a folder tree of images, a preprocess OUT (its shards), an "
+                     "images-list file ('class_id image_path' lines) or a .parquet/.csv file")
     split: str = opt("val", "split to read when INPUT is a preprocessed OUT")
-    output: str = opt("predictions.parquet", "Parquet file to write")
-    batch_size: int = opt(64, "images per model call")
-    actors: int = opt(1, "model actors in the Ray Data actor pool")
+    path_column: str = opt("path", "image path column of a .parquet/.csv INPUT")
+    label_column: str = opt("label", "true class column (index or wnid) of a .parquet/.csv "
+                            "INPUT, used when present")
+    output: str = opt("predictions.parquet", "a .parquet/.csv file (one file, written by the "
+                      "driver) or a directory (files written in parallel; for large inputs)")
+    format: str = opt("auto", "output format; auto: from --output's extension, parquet for a "
+                      "directory", ("auto", "parquet", "csv"))
+    overwrite: bool = opt(False, "replace a non-empty --output directory")
+    ten_crop: bool = opt(False, "average the softmax over the paper's ten crops (10x compute)")
+    batch_size: int = opt(64, "images per decode batch and per model call")
+    actors: int = opt(1, "model actors in the Ray Data actor pool (its minimum with --max-actors)")
+    max_actors: int = opt(0, "autoscale the pool from --actors up to this many (0: fixed size)")
+    cpus_per_actor: int = opt(1, "CPUs reserved by each actor = its torch threads")
     gpu: bool = opt(False, "one GPU per actor")
+    amp: bool = opt(True, "bf16 (or fp16) autocast on GPU; ignored on CPU")
+    log_to_mlflow: bool = opt(False, "log an evaluation run linked to the model version")
+    experiment: str = opt("alexnet", "MLflow experiment of --log-to-mlflow's run")
 
 
 # --------------------------------------------------------------------------- machinery

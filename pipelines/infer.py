@@ -1,96 +1,176 @@
-"""Batch inference with a registered model on Ray Data.
+"""Batch inference with one registered model (or an ensemble) on Ray Data.
 
     python workflow.py batch-infer --model models:/alexnet@champion --input data/sample/val \
         --output predictions.parquet
+    python workflow.py batch-infer --model models:/alexnet/1 --model models:/alexnet/2 \
+        --input /shared/imagenet-shards --split val --ten-crop --actors 4 --gpu \
+        --output /shared/preds/ --log-to-mlflow
 
-Stages: list inputs (a folder tree of images, or the shards of a preprocessed OUT) ->
-map_batches(read + decode + the model's own rescale/centre crop) in tasks ->
-map_batches(Predictor) on an actor pool (the model loads once per actor) -> Parquet,
-written as the batches stream back, so memory stays flat whatever the input size.
+Stages: list the inputs (a folder tree, a preprocess OUT's shards, an images-list file or a
+Parquet/CSV table with a path column) -> map_batches(load_crops) in tasks (read, decode, the
+model's own rescale and crop) -> map_batches(Predictor) on an actor pool (each actor loads the
+weights once, from the object store, so actors on other nodes need no shared model path) ->
+Parquet or CSV. Ray Data streams with backpressure, so memory stays flat on any input size.
 A file that does not decode becomes a row with `error` set and no prediction.
+
+Output: `--output NAME.parquet` or `NAME.csv` is one file, streamed through the driver (for a
+folder or a few hundred thousand images); any other `--output` is a directory of files written
+in parallel by the Ray workers (`ds.write_parquet` / `ds.write_csv`), for large inputs and
+shared or remote storage. The summary (counts, top-1/top-5 accuracy, per class) is the same
+either way; `--log-to-mlflow` records it as an evaluation run linked to the model version.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
+import shutil
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.config import InferConfig
+from pipelines.predict import (
+    DEFAULT_MODEL,
+    InferError,
+    ModelRef,
+    geometry,
+    resolve_model,
+    resolve_models,
+    topk,
+)
 from pipelines.runtime import init_ray
 from pipelines.sources import IMAGE_EXTENSIONS
 
+__all__ = ["InferError", "ModelRef", "SCHEMA", "list_inputs", "resolve_model", "run_batch_infer"]
 
-class InferError(RuntimeError):
-    """Inference cannot start; the message says why and what to do."""
+TABLE_EXTENSIONS = {".parquet", ".pq", ".csv"}
+FILE_OUTPUTS = {".parquet": "parquet", ".csv": "csv"}
+TOP = 5
+# Memory a decode task reserves per image besides its crops: a decoded photo of up to ~2 MP
+# with its rescaled copy (ILSVRC photos average ~0.2 MP; larger ones still run: this is a
+# scheduling estimate, not a limit).
+DECODED_IMAGE_BYTES = 8 << 20
 
-
-# --------------------------------------------------------------------------- model reference
-def _registry_choices(name: str) -> str:
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    try:
-        versions = client.search_model_versions(f"name='{name}'")
-        aliases = client.get_registered_model(name).aliases
-    except Exception:  # noqa: BLE001 - we are only building an error message
-        names = [m.name for m in client.search_registered_models()]
-        return f"no registered model {name!r}; registered models: {names or 'none'}"
-    return (f"versions of {name!r}: {sorted(int(v.version) for v in versions)}; "
-            f"aliases: {dict(aliases) or 'none'}")
-
-
-def resolve_model(ref: str) -> str:
-    """A local bundle directory for `ref` (models:/, runs:/ or a local checkpoint dir)."""
-    from pipelines.model_package import INFERENCE
-
-    if os.path.isdir(ref):
-        if (Path(ref) / INFERENCE).is_file():
-            return ref
-        if (Path(ref) / "artifacts" / "bundle" / INFERENCE).is_file():
-            return str(Path(ref) / "artifacts" / "bundle")
-        raise InferError(f"{ref} is a directory but not a model bundle (no {INFERENCE})")
-    import mlflow
-
-    from pipelines.tracking import setup_mlflow
-
-    setup_mlflow()
-    try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=ref)
-    except Exception as exc:  # noqa: BLE001 - MLflow raises several kinds for "not found"
-        hint = ""
-        if ref.startswith("models:/"):
-            name = ref[len("models:/"):].split("@")[0].split("/")[0]
-            hint = "; " + _registry_choices(name)
-        raise InferError(f"model {ref!r} not found ({type(exc).__name__}){hint}") from None
-    bundle = Path(local) / "artifacts" / "bundle"
-    if not (bundle / INFERENCE).is_file():
-        raise InferError(f"{ref} is not an alexnet-workflow model (no artifacts/bundle)")
-    return str(bundle)
+# One row per input. Lists are top-k by descending probability, k = min(5, classes).
+SCHEMA = pa.schema([
+    ("path", pa.string()),            # the image file, or the record's source path for shards
+    ("shard", pa.string()),           # the shard file (shard inputs only)
+    ("record", pa.int64()),           # the record's position in its shard (shard inputs only)
+    ("top5_index", pa.list_(pa.int64())),
+    ("top5_wnid", pa.list_(pa.string())),
+    ("top5_name", pa.list_(pa.string())),
+    ("top5_prob", pa.list_(pa.float32())),
+    ("label", pa.int64()),            # the true class index when known
+    ("label_wnid", pa.string()),
+    ("correct_top1", pa.bool_()),     # null when the label is unknown or the image failed
+    ("correct_top5", pa.bool_()),
+    ("error", pa.string()),           # why there is no prediction; null when there is one
+    ("model_uri", pa.string()),       # as given; an ensemble's members joined by " + "
+    ("model_version", pa.string()),   # registry version(s) when known
+])
 
 
 # --------------------------------------------------------------------------- inputs
-def list_inputs(path: str, split: str, classes: list[dict]) -> pa.Table:
-    """Rows of (source, shard, index, label): files of a folder tree, or records of shards."""
-    from pipelines.shards import MANIFEST, read_manifest
-
-    root = Path(path)
+def _label_of(token, classes: list[dict], where: str) -> int:
+    """A class index from an int index or a wnid; -1 for null."""
+    if token is None or (isinstance(token, float) and np.isnan(token)):
+        return -1
     wnid_index = {c["wnid"]: c["index"] for c in classes}
-    if (root / MANIFEST).is_file():
-        manifest = read_manifest(root)
-        if split not in manifest["splits"]:
-            raise InferError(f"{root} has no split {split!r}; it has {list(manifest['splits'])}")
-        rows = [(s["path"], i) for s in manifest["splits"][split]["shards"]
-                for i in range(s["records"])]
-        return pa.table({"source": [str(root / p) for p, _ in rows],
-                         "index": [i for _, i in rows], "label": [-1] * len(rows),
-                         "kind": ["shard"] * len(rows)})
-    if not root.is_dir():
-        raise InferError(f"input {root} is neither a folder of images nor a preprocess OUT")
+    text = str(token).strip()
+    if text.lstrip("-").isdigit():
+        value = int(text)
+        if value == -1:
+            return -1
+        if not 0 <= value < len(classes):
+            raise InferError(f"{where}: class {value} is outside the model's class index "
+                             f"(0..{len(classes) - 1})")
+        return value
+    if text in wnid_index:
+        return wnid_index[text]
+    raise InferError(f"{where}: {text!r} is neither a class index nor a wnid of the model "
+                     f"(e.g. {classes[0]['wnid']!r})")
+
+
+def _resolve(base: Path, p: str) -> str:
+    return p if os.path.isabs(p) or "://" in p else str(base / p)
+
+
+def _table(paths: list[str], labels: list[int], kind: str = "file",
+           records: list[int] | None = None) -> pa.Table:
+    n = len(paths)
+    return pa.table({"path": pa.array(paths, pa.string()),
+                     "record": pa.array(records or [-1] * n, pa.int64()),
+                     "label": pa.array(labels, pa.int64()),
+                     "kind": pa.array([kind] * n, pa.string())})
+
+
+def _list_images_file(path: Path, classes: list[dict]) -> pa.Table:
+    """The images-list layout: `class_id image_path` a line (class_id an index or a wnid);
+    a line of one token is an unlabelled path; blank lines and `#` comments are skipped.
+    Relative paths are relative to the list file's folder."""
+    paths, labels = [], []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InferError(f"cannot read images list {path}: {exc}") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        first, _, rest = line.partition(" ")
+        if not rest.strip():
+            label, image = -1, first
+        else:
+            label, image = _label_of(first, classes, f"{path}:{n}"), rest.strip()
+        paths.append(_resolve(path.parent, image))
+        labels.append(label)
+    if not paths:
+        raise InferError(f"images list {path} has no entries ('class_id image_path' a line)")
+    return _table(paths, labels)
+
+
+def _list_table_file(path: Path, classes: list[dict], path_column: str,
+                     label_column: str) -> pa.Table:
+    """A Parquet or CSV file with a path column (and optionally a label column)."""
+    try:
+        if path.suffix.lower() == ".csv":
+            import pyarrow.csv as pcsv
+
+            table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(
+                column_types={path_column: pa.string()}))
+        else:
+            table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise InferError(f"cannot read {path}: {exc}") from None
+    if path_column not in table.column_names:
+        raise InferError(f"{path} has no column {path_column!r} (--path-column); its columns: "
+                         f"{table.column_names}")
+    paths = table[path_column].to_pylist()
+    if any(p is None or p == "" for p in paths):
+        row = next(i for i, p in enumerate(paths) if p is None or p == "")
+        raise InferError(f"{path}: column {path_column!r} is empty in row {row}")
+    if label_column and label_column in table.column_names:
+        raw = table[label_column].to_pylist()
+        labels = [_label_of(v, classes, f"{path} row {i} column {label_column!r}")
+                  for i, v in enumerate(raw)]
+    else:
+        labels = [-1] * len(paths)
+    if not paths:
+        raise InferError(f"{path} has no rows")
+    return _table([_resolve(path.parent, str(p)) for p in paths], labels)
+
+
+def _list_folder(root: Path, classes: list[dict]) -> pa.Table:
+    wnid_index = {c["wnid"]: c["index"] for c in classes}
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -99,135 +179,464 @@ def list_inputs(path: str, split: str, classes: list[dict]) -> pa.Table:
     if not files:
         raise InferError(f"no images under {root} (extensions {sorted(IMAGE_EXTENSIONS)})")
     # A file in a folder named after a known wnid has that label (ImageNet/ImageFolder trees).
-    labels = [wnid_index.get(Path(f).parent.name, -1) for f in files]
-    return pa.table({"source": files, "index": [-1] * len(files), "label": labels,
-                     "kind": ["file"] * len(files)})
+    return _table(files, [wnid_index.get(Path(f).parent.name, -1) for f in files])
 
 
-def load_crops(batch: dict[str, np.ndarray], info: dict) -> dict[str, np.ndarray]:
-    """Read and decode each input, then the model's rescale + centre crop (tasks, CPU)."""
-    from pipelines.decode import DecodeError, decode_rgb
-    from pipelines.model_package import preprocess_image
-    from pipelines.shards import RecordError, ShardReader, decode_image
+def list_inputs(path: str, split: str, classes: list[dict], path_column: str = "path",
+                label_column: str = "label") -> tuple[pa.Table, dict]:
+    """Rows of (path, record, label, kind) for every input, and what the input was.
 
-    size = info["input_size"]
-    n = len(batch["source"])
-    images = np.zeros((n, size, size, 3), np.uint8)
+    Lists paths only; no image is opened here (a million files list in seconds), so an
+    unreadable file becomes an error row later rather than a failure now."""
+    from pipelines.shards import MANIFEST, manifest_digest, read_manifest
+
+    if not path:
+        raise InferError("--input is required: a folder of images, a preprocess OUT, an "
+                         "images-list file or a .parquet/.csv file with a path column")
+    root = Path(path)
+    if (root / MANIFEST).is_file():
+        manifest = read_manifest(root)
+        if split not in manifest["splits"]:
+            raise InferError(f"{root} has no split {split!r}; it has {list(manifest['splits'])}")
+        rows = [(str(root / s["path"]), i) for s in manifest["splits"][split]["shards"]
+                for i in range(s["records"])]
+        if not rows:
+            raise InferError(f"{root}: split {split!r} has no records")
+        # The label is in each record; -1 here is filled in when the record is read.
+        table = _table([p for p, _ in rows], [-1] * len(rows), "shard", [i for _, i in rows])
+        return table, {"kind": "shards", "split": split,
+                       "manifest_sha256": manifest_digest(root)}
+    if root.is_dir():
+        return _list_folder(root, classes), {"kind": "folder"}
+    if root.is_file():
+        if root.suffix.lower() in TABLE_EXTENSIONS:
+            return _list_table_file(root, classes, path_column, label_column), {"kind": "table"}
+        return _list_images_file(root, classes), {"kind": "images-list"}
+    raise InferError(f"input {root} does not exist (expected a folder of images, a preprocess "
+                     "OUT, an images-list file or a .parquet/.csv file)")
+
+
+# --------------------------------------------------------------------------- decode (tasks)
+def load_crops(batch: dict[str, np.ndarray], geometries: list[tuple[int, int]],
+               ten_crop: bool) -> dict[str, np.ndarray]:
+    """Read and decode each input, then each model geometry's rescale + crop (Ray tasks, CPU).
+
+    Returns the batch with `crops_<g>` uint8 [N, S, S, 3] ([N, 10, S, S, 3] with ten_crop)
+    per geometry g, and `error` ("" when fine); a failed row keeps zero pixels."""
+    from pipelines.decode import decode_rgb
+    from pipelines.predict import make_crops
+    from pipelines.shards import ShardReader, decode_image
+
+    n = len(batch["path"])
+    shape = (10,) if ten_crop else ()
+    crops = [np.zeros((n, *shape, size, size, 3), np.uint8) for _, size in geometries]
     errors = [""] * n
+    paths = batch["path"].astype(object).copy()
+    shards = np.array([""] * n, dtype=object)  # "" = not a shard (None would become NaN)
     labels = batch["label"].copy()
     readers: dict[str, ShardReader] = {}
-    for i, (src, kind) in enumerate(zip(batch["source"], batch["kind"], strict=True)):
+    for i, (src, kind) in enumerate(zip(batch["path"], batch["kind"], strict=True)):
         try:
             if kind == "shard":
-                reader = readers.setdefault(src, ShardReader(src))
-                rec = reader[int(batch["index"][i])]
-                rgb, labels[i] = decode_image(rec), rec.label
+                shards[i], paths[i] = src, f"{src}#{int(batch['record'][i])}"
+                reader = readers.get(src) or readers.setdefault(src, ShardReader(src))
+                rec = reader[int(batch["record"][i])]
+                paths[i], labels[i] = rec.path, rec.label
+                rgb = decode_image(rec)
             else:
                 with open(src, "rb") as fh:
-                    rgb = decode_rgb(fh.read())
-            images[i] = preprocess_image(rgb, info)
-        except (DecodeError, RecordError) as exc:
-            errors[i] = str(exc)
+                    data = fh.read()
+                rgb = decode_rgb(data)
+            for g, geom in enumerate(geometries):
+                crops[g][i] = make_crops(rgb, geom, ten_crop)
         except OSError as exc:
             errors[i] = f"unreadable: {exc.strerror or exc}"
-    return {"source": batch["source"], "index": batch["index"], "label": labels,
-            "image": images, "error": np.array(errors)}
+        except Exception as exc:  # noqa: BLE001 - one bad input is a row, never a failed job
+            errors[i] = str(exc) or type(exc).__name__
+    out = {"path": paths.astype(str), "shard": shards, "record": batch["record"],
+           "label": labels, "error": np.array(errors, dtype=object)}
+    out.update({f"crops_{g}": c for g, c in enumerate(crops)})
+    return out
+
+
+# --------------------------------------------------------------------------- model (actors)
+def _model_source(ref: ModelRef, ship: bool) -> dict:
+    """Where an actor finds a model: the bundle dir, readable by actors on the driver's node
+    (and on others when it is on shared storage); with `ship`, also inference.json and the
+    weights' bytes in the object store, for nodes that cannot see that dir. A single-node
+    Ray ships nothing: 240 MB of weights would be copied into the store for no reader."""
+    import ray
+
+    from pipelines.model_package import INFERENCE, WEIGHTS
+
+    bundle = Path(ref.bundle)
+    info = (bundle / INFERENCE).read_text()
+    blob = ray.put({"info": info, "weights": (bundle / WEIGHTS).read_bytes()}) if ship else None
+    return {"dir": str(bundle), "info": info, "blob": [blob]}  # a list: no auto-resolve
 
 
 class Predictor:
-    """Runs the model on an actor; loads it once per actor, not once per batch."""
+    """Runs the ensemble on an actor; builds it once per actor, not once per batch."""
 
-    def __init__(self, bundle_dir: str, model_uri: str, gpu: bool):
+    def __init__(self, sources: list[dict], model_uri: str, model_version: str | None,
+                 gpu: bool, amp: bool, threads: int):
+        import ray
         import torch
 
-        from pipelines.model_package import load_bundle
+        from pipelines.model_package import INFERENCE, WEIGHTS
+        from pipelines.predict import Ensemble
 
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.device = "cuda" if gpu else "cpu"
-        self.model, self.info = load_bundle(bundle_dir, self.device)
-        self.classes = self.info["classes"]
-        self.model_uri = model_uri
+        torch.set_num_threads(max(1, threads))
+        with tempfile.TemporaryDirectory(prefix="alexnet-actor-") as tmp:
+            dirs = []
+            for i, src in enumerate(sources):
+                here = Path(src["dir"])
+                if (here / WEIGHTS).is_file() and (here / INFERENCE).is_file() and \
+                        (here / INFERENCE).read_text() == src["info"]:
+                    dirs.append(str(here))  # same node or shared storage: read it directly
+                    continue
+                if src["blob"][0] is None:
+                    raise InferError(f"model bundle {here} is not readable on this node and "
+                                     "was not shipped")
+                blob = ray.get(src["blob"][0])
+                d = Path(tmp) / str(i)
+                d.mkdir()
+                (d / INFERENCE).write_text(blob["info"])
+                (d / WEIGHTS).write_bytes(blob["weights"])
+                del blob
+                dirs.append(str(d))
+            self.ensemble = Ensemble(dirs, "cuda" if gpu else "cpu", amp=amp)
+        classes = self.ensemble.classes
+        self.wnids = np.array([c["wnid"] for c in classes], dtype=object)
+        self.names = np.array([c["name"] for c in classes], dtype=object)
+        self.model_uri, self.model_version = model_uri, model_version
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        from pipelines.model_package import predict_proba
-
         ok = batch["error"] == ""
-        n, k = len(ok), min(5, len(self.classes))
-        top_i = np.full((n, k), -1, np.int64)
+        n = len(ok)
+        k = min(TOP, len(self.wnids))
+        top_i = np.zeros((n, k), np.int64)
         top_p = np.zeros((n, k), np.float32)
         if ok.any():
-            probs = predict_proba(self.model, batch["image"][ok], self.info, self.device)
-            idx = np.argsort(-probs, axis=1)[:, :k]
-            top_i[ok], top_p[ok] = idx, np.take_along_axis(probs, idx, axis=1)
-        labels = batch["label"]
-        known = ok & (labels >= 0)
+            crops = [batch[f"crops_{g}"][ok] for g in range(len(self.ensemble.geometries))]
+            top_i[ok], top_p[ok] = topk(self.ensemble.predict(crops), k)
+        labels = np.asarray(batch["label"], np.int64)
+        known = labels >= 0
+        scored = ok & known
 
-        def per_row(values, mask):
-            return [v if m else None for v, m in zip(values, mask, strict=True)]
+        def rows(values: np.ndarray, mask: np.ndarray) -> list:
+            return [v if m else None for v, m in zip(values.tolist(), mask, strict=True)]
 
-        wnids = [[self.classes[j]["wnid"] for j in row] for row in top_i.clip(0)]
-        names = [[self.classes[j]["name"] for j in row] for row in top_i.clip(0)]
         return pa.table({
-            "path": batch["source"].astype(str),
-            "record": batch["index"],
-            "top5_index": per_row(top_i.tolist(), ok),
-            "top5_wnid": per_row(wnids, ok),
-            "top5_name": per_row(names, ok),
-            "top5_prob": per_row(top_p.tolist(), ok),
-            "label": per_row(labels.tolist(), labels >= 0),
-            "correct_top1": per_row((top_i[:, 0] == labels).tolist(), known),
-            "correct_top5": per_row((top_i == labels[:, None]).any(1).tolist(), known),
-            "error": per_row(batch["error"].tolist(), ~ok),
-            "model_uri": [self.model_uri] * n,
-        })
+            "path": pa.array(batch["path"].astype(str), pa.string()),
+            "shard": pa.array(rows(batch["shard"].astype(str), batch["shard"] != ""),
+                              pa.string()),
+            "record": pa.array(rows(batch["record"], batch["record"] >= 0), pa.int64()),
+            "top5_index": pa.array(rows(top_i, ok), SCHEMA.field("top5_index").type),
+            "top5_wnid": pa.array(rows(self.wnids[top_i], ok), SCHEMA.field("top5_wnid").type),
+            "top5_name": pa.array(rows(self.names[top_i], ok), SCHEMA.field("top5_name").type),
+            "top5_prob": pa.array(rows(top_p, ok), SCHEMA.field("top5_prob").type),
+            "label": pa.array(rows(labels, known), pa.int64()),
+            "label_wnid": pa.array(rows(self.wnids[labels.clip(0)], known), pa.string()),
+            "correct_top1": pa.array(rows(top_i[:, 0] == labels, scored), pa.bool_()),
+            "correct_top5": pa.array(rows((top_i == labels[:, None]).any(1), scored),
+                                     pa.bool_()),
+            "error": pa.array(rows(batch["error"], ~ok), pa.string()),
+            "model_uri": pa.array([self.model_uri] * n, pa.string()),
+            "model_version": pa.array([self.model_version] * n, pa.string()),
+        }, schema=SCHEMA)
 
 
-def run_batch_infer(cfg: InferConfig) -> dict:
-    """Run inference; writes cfg.output and returns counts and accuracy."""
-    import ray
+# --------------------------------------------------------------------------- output
+def csv_columns(table: pa.Table) -> pa.Table:
+    """CSV holds no lists: top-k lists become columns top1_index, top1_wnid, top1_name,
+    top1_prob, ..., topk_prob (k = min(5, classes)); the other columns stay as they are."""
+    k = 0
+    lengths = pc.list_value_length(table["top5_index"]).drop_null()
+    if len(lengths):
+        k = int(pc.max(lengths).as_py())
+    out = {}
+    for name in table.column_names:
+        if not name.startswith("top5_"):
+            out[name] = table[name]
+    for j in range(k):
+        for field in ("index", "wnid", "name", "prob"):
+            out[f"top{j + 1}_{field}"] = pc.list_element(table[f"top5_{field}"], j)
+    return pa.table(out)
 
-    from pipelines.model_package import load_info
 
-    started = time.time()
-    bundle = resolve_model(cfg.model)
-    info = load_info(bundle)
-    inputs = list_inputs(cfg.input, cfg.split, info["classes"])
-    out = Path(cfg.output)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InferError(f"cannot create {out.parent}: {exc}") from exc
-    init_ray(log_to_driver=False)
-    block = max(1, cfg.batch_size)
-    ds = ray.data.from_arrow([inputs.slice(o, block) for o in range(0, inputs.num_rows, block)])
-    ds = ds.map_batches(load_crops, batch_size=cfg.batch_size, batch_format="numpy",
-                        fn_kwargs={"info": info})
-    ds = ds.map_batches(Predictor, batch_size=cfg.batch_size, batch_format="numpy",
-                        fn_constructor_kwargs={"bundle_dir": bundle, "model_uri": cfg.model,
-                                               "gpu": cfg.gpu},
-                        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-                        num_gpus=1 if cfg.gpu else 0)
-    rows = errors = labelled = top1 = top5 = 0
-    writer: pq.ParquetWriter | None = None
-    tmp = out.with_name(f".{out.name}.tmp")
+def output_plan(cfg: InferConfig) -> tuple[str, str]:
+    """("file" | "dir", "parquet" | "csv"). The rule: an --output ending in .parquet or .csv
+    is one file written by the driver; anything else is a directory written by the workers."""
+    ext = Path(cfg.output).suffix.lower()
+    mode = "file" if ext in FILE_OUTPUTS else "dir"
+    fmt = cfg.format if cfg.format != "auto" else FILE_OUTPUTS.get(ext, "parquet")
+    if mode == "file" and fmt != FILE_OUTPUTS[ext]:
+        raise InferError(f"--format {fmt} disagrees with --output {cfg.output}; "
+                         f"name it *.{fmt} or drop --format")
+    if mode == "file" and "://" in cfg.output:
+        raise InferError("a single-file --output must be a local path; give a directory URI "
+                         "(no .parquet/.csv extension) to write to remote storage")
+    return mode, fmt
+
+
+class Summary:
+    """Counts, accuracy and per-class accuracy, accumulated batch by batch (flat memory)."""
+
+    def __init__(self, classes: list[dict]):
+        self.classes = classes
+        self.images = self.errors = 0
+        c = len(classes)
+        self.per_class = np.zeros((3, c), np.int64)  # images, top-1 correct, top-5 correct
+        self.error_examples: list[dict] = []
+
+    def update(self, table: pa.Table) -> None:
+        self.images += table.num_rows
+        err = table["error"]
+        self.errors += table.num_rows - err.null_count
+        if err.null_count < table.num_rows and len(self.error_examples) < 5:
+            for p, e in zip(table["path"].to_pylist(), err.to_pylist(), strict=True):
+                if e is not None and len(self.error_examples) < 5:
+                    self.error_examples.append({"path": p, "error": e})
+        scored = pc.is_valid(table["correct_top1"]).to_numpy(zero_copy_only=False)
+        if not scored.any():
+            return
+        labels = pc.fill_null(table["label"], 0).to_numpy(zero_copy_only=False)[scored]
+        c = len(self.classes)
+        for row, col in ((1, "correct_top1"), (2, "correct_top5")):
+            hit = pc.fill_null(table[col], False).to_numpy(zero_copy_only=False)[scored]
+            self.per_class[row] += np.bincount(labels[hit.astype(bool)], minlength=c)
+        self.per_class[0] += np.bincount(labels, minlength=c)
+
+    def result(self) -> dict:
+        labelled = int(self.per_class[0].sum())
+        out = {"images": self.images, "errors": self.errors, "labelled": labelled,
+               "error_examples": self.error_examples}
+        if labelled:
+            out["top1_accuracy"] = float(self.per_class[1].sum() / labelled)
+            out["top5_accuracy"] = float(self.per_class[2].sum() / labelled)
+        return out
+
+    def per_class_rows(self) -> list[dict]:
+        """One row per class that had labelled, predicted images."""
+        rows = []
+        for c in self.classes:
+            n, t1, t5 = (int(v) for v in self.per_class[:, c["index"]])
+            if n:
+                rows.append({"index": c["index"], "wnid": c["wnid"], "name": c["name"],
+                             "images": n, "top1_correct": t1, "top5_correct": t5,
+                             "top1_accuracy": t1 / n, "top5_accuracy": t5 / n})
+        return rows
+
+
+def _write_file(ds, out: Path, fmt: str, summary: Summary) -> None:
+    """Stream every batch to one file through the driver; the file appears atomically."""
+    import pyarrow.csv as pcsv
+
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    writer = None
     try:
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            writer = writer or pq.ParquetWriter(tmp, table.schema)
+            if table.num_rows == 0:
+                continue
+            table = table.cast(SCHEMA)
+            summary.update(table)
+            if fmt == "csv":
+                table = csv_columns(table)
+                writer = writer or pcsv.CSVWriter(str(tmp), table.schema)
+            else:
+                writer = writer or pq.ParquetWriter(str(tmp), SCHEMA)
             writer.write_table(table)
-            rows += table.num_rows
-            errors += table.num_rows - table["error"].null_count
-            c1 = table["correct_top1"].drop_null().to_pylist()
-            labelled += len(c1)
-            top1 += sum(c1)
-            top5 += sum(table["correct_top5"].drop_null().to_pylist())
+        if writer is None:  # no rows at all still gives a readable, empty file
+            writer = pq.ParquetWriter(str(tmp), SCHEMA) if fmt == "parquet" else None
+            if writer is None:
+                tmp.write_text("")
     finally:
         if writer is not None:
             writer.close()
     os.replace(tmp, out)
-    result = {"output": str(out), "images": rows, "errors": errors, "labelled": labelled,
-              "seconds": round(time.time() - started, 2),
-              "model": cfg.model}
-    if labelled:
-        result["top1_accuracy"] = top1 / labelled
-        result["top5_accuracy"] = top5 / labelled
+
+
+def _write_dir(ds, out: str, fmt: str, overwrite: bool, summary: Summary) -> None:
+    """Ray workers write the files in parallel; then the small columns are read back for
+    the summary (a few MB per million rows). Local directories appear atomically."""
+    import pyarrow.dataset as pads
+
+    local = "://" not in out
+    target = out
+    if local:
+        final = Path(out)
+        if final.exists() and any(final.iterdir()) and not overwrite:
+            raise InferError(f"--output {out} exists and is not empty; pass --overwrite or "
+                             "choose another directory")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        target = str(final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"))
+    try:
+        if fmt == "csv":
+            ds.map_batches(csv_columns, batch_format="pyarrow", batch_size=None).write_csv(target)
+        else:
+            ds.write_parquet(target)
+        cols = ["path", "label", "error", "correct_top1", "correct_top5"]
+        schema = pa.schema([SCHEMA.field(c) for c in cols])
+        file_format = fmt
+        if fmt == "csv":  # types as written, not guessed per file (an all-empty column)
+            import pyarrow.csv as pcsv
+
+            file_format = pads.CsvFileFormat(convert_options=pcsv.ConvertOptions(
+                column_types={f.name: f.type for f in schema}))
+        data = pads.dataset(target, format=file_format)
+        for batch in data.to_batches(columns=cols):
+            summary.update(pa.Table.from_batches([batch]).cast(schema))
+    except BaseException:
+        if local:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    if local:
+        if Path(out).exists():
+            shutil.rmtree(out)
+        os.replace(target, out)
+
+
+# --------------------------------------------------------------------------- MLflow
+def log_evaluation(cfg: InferConfig, refs: list[ModelRef], result: dict,
+                   per_class: list[dict], source: dict) -> str:
+    """An evaluation run: tags naming the model version(s) and training run(s), metrics
+    (accuracy linked to the model in MLflow 3's model view), the per-class accuracy table
+    and the summary as artifacts. Returns the run id."""
+    import mlflow
+
+    from pipelines import config as C
+    from pipelines.tracking import setup_mlflow
+
+    setup_mlflow()
+    mlflow.set_experiment(cfg.experiment)
+
+    def joined(attr: str) -> str:
+        return ",".join(str(getattr(r, attr) or "") for r in refs)
+
+    label = " + ".join(f"{r.name}/{r.version}" if r.version else r.uri for r in refs)
+    tags = {"evaluation": "batch-infer", "model.uri": joined("uri"),
+            "model.name": joined("name"), "model.version": joined("version"),
+            "model.run_id": joined("run_id"), "input": cfg.input, "input.kind": source["kind"],
+            "ten_crop": str(cfg.ten_crop), "ensemble_size": str(len(refs))}
+    if "manifest_sha256" in source:
+        tags["dataset.manifest_sha256"] = source["manifest_sha256"]
+    metrics = {k: float(result[k]) for k in ("images", "errors", "labelled", "images_per_s")}
+    for k in ("top1_accuracy", "top5_accuracy"):
+        if k in result:
+            metrics[k] = result[k]
+            metrics[k.replace("accuracy", "error")] = 1.0 - result[k]
+    # Linking metrics to the LoggedModel puts them on the model's page; an ensemble's numbers
+    # belong to no single model, so they stay on the run (the tags still name every member).
+    model_id = refs[0].model_id if len(refs) == 1 else None
+    with mlflow.start_run(run_name=f"eval {label}") as run:
+        mlflow.set_tags(tags)
+        mlflow.log_params({k: str(v)[:500] for k, v in C.flatten(cfg).items()})
+        mlflow.log_metrics(metrics, model_id=model_id)
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "per_class_accuracy.csv").write_text(per_class_csv(per_class))
+            (Path(tmp) / "summary.json").write_text(json.dumps(result, indent=1, default=str))
+            mlflow.log_artifacts(tmp)
+        return run.info.run_id
+
+
+# --------------------------------------------------------------------------- the job
+def _check_resources(cfg: InferConfig, ray) -> None:
+    res = ray.cluster_resources()
+    if cfg.gpu and res.get("GPU", 0) < 1:
+        raise InferError("--gpu: the Ray cluster has no GPU (ray.cluster_resources() lists "
+                         "none); drop --gpu or connect to a cluster with GPUs (RAY_ADDRESS)")
+    need = max(cfg.actors, cfg.max_actors) * cfg.cpus_per_actor
+    if need + 1 > res.get("CPU", 0):
+        raise InferError(f"{max(cfg.actors, cfg.max_actors)} actors x {cfg.cpus_per_actor} CPUs "
+                         f"leave no CPU for decoding on a cluster of {res.get('CPU', 0):g} CPUs; "
+                         "lower --actors/--max-actors or --cpus-per-actor")
+
+
+def _check_config(cfg: InferConfig) -> None:
+    for name in ("batch_size", "actors", "cpus_per_actor"):
+        if getattr(cfg, name) < 1:
+            raise InferError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.max_actors and cfg.max_actors < cfg.actors:
+        raise InferError("--max-actors must be 0 (a fixed pool of --actors) or >= --actors")
+
+
+def run_batch_infer(cfg: InferConfig) -> dict:
+    """Run inference; writes cfg.output and returns counts, accuracy and where things went."""
+    import ray
+
+    started = time.time()
+    _check_config(cfg)
+    mode, fmt = output_plan(cfg)
+    refs_given = [cfg.model] if isinstance(cfg.model, str) else list(cfg.model or [DEFAULT_MODEL])
+    # Downloaded models live in `tmp` until the job ends: actors on this node read them there.
+    with tempfile.TemporaryDirectory(prefix="alexnet-infer-") as tmp:
+        refs = resolve_models(refs_given, tmp)
+        infos = [json.loads((Path(r.bundle) / "inference.json").read_text()) for r in refs]
+        classes = infos[0]["classes"]
+        geometries = sorted({geometry(i) for i in infos})
+        inputs, source = list_inputs(cfg.input, cfg.split, classes, cfg.path_column,
+                                     cfg.label_column)
+        if mode == "file":
+            out = Path(cfg.output)
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise InferError(f"cannot create {out.parent}: {exc}") from exc
+
+        init_ray(log_to_driver=False)
+        _check_resources(cfg, ray)
+        ship = len([n for n in ray.nodes() if n.get("Alive")]) > 1
+        sources = [_model_source(r, ship) for r in refs]
+        model_uri = " + ".join(r.uri for r in refs)
+        versions = [r.version for r in refs]
+        model_version = " + ".join(v or "" for v in versions) if any(versions) else None
+
+        block = cfg.batch_size
+        ds = ray.data.from_arrow([inputs.slice(o, block)
+                                  for o in range(0, inputs.num_rows, block)])
+        # Decoding stays in tasks, apart from the model actors: Ray Data fuses the two
+        # (decode inside the actors) when their resource requests match, and then decoding
+        # could not use CPUs beyond the actors'. The decode tasks' memory request (a real
+        # estimate: a decoded photo and its crops, with headroom, per image) makes them differ.
+        crop_bytes = sum(3 * s * s for _, s in geometries) * (10 if cfg.ten_crop else 1)
+        ds = ds.map_batches(load_crops, batch_size=cfg.batch_size, batch_format="numpy",
+                            fn_kwargs={"geometries": geometries, "ten_crop": cfg.ten_crop},
+                            memory=cfg.batch_size * (crop_bytes + DECODED_IMAGE_BYTES))
+        pool = (ray.data.ActorPoolStrategy(min_size=cfg.actors, max_size=cfg.max_actors)
+                if cfg.max_actors > cfg.actors else ray.data.ActorPoolStrategy(size=cfg.actors))
+        ds = ds.map_batches(Predictor, batch_size=cfg.batch_size, batch_format="numpy",
+                            fn_constructor_kwargs={
+                                "sources": sources, "model_uri": model_uri,
+                                "model_version": model_version, "gpu": cfg.gpu,
+                                "amp": cfg.amp, "threads": cfg.cpus_per_actor},
+                            compute=pool, num_cpus=cfg.cpus_per_actor,
+                            num_gpus=1 if cfg.gpu else 0)
+        summary = Summary(classes)
+        if mode == "file":
+            _write_file(ds, Path(cfg.output), fmt, summary)
+        else:
+            _write_dir(ds, cfg.output, fmt, cfg.overwrite, summary)
+    seconds = time.time() - started
+    result = {"output": cfg.output, "output_mode": mode, "format": fmt, **summary.result(),
+              "seconds": round(seconds, 2), "images_per_s": round(summary.images / seconds, 2),
+              "model": model_uri, "model_version": model_version, "input_kind": source["kind"]}
+    result["per_class"] = summary.per_class_rows()
+    if cfg.log_to_mlflow:
+        result["mlflow_run_id"] = log_evaluation(
+            cfg, refs, {k: v for k, v in result.items() if k != "per_class"},
+            result["per_class"], source)
     return result
+
+
+PER_CLASS_FIELDS = ["index", "wnid", "name", "images", "top1_correct", "top5_correct",
+                    "top1_accuracy", "top5_accuracy"]
+
+
+def per_class_csv(rows: list[dict]) -> str:
+    """The per-class table as CSV text (what --log-to-mlflow stores as an artifact)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=PER_CLASS_FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
