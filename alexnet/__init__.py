@@ -13,6 +13,7 @@ from alexnet.model import (
     alexnet_paper,
     alexnet_torchvision,
     build_model,
+    check_variant,
     init_paper_,
 )
 
@@ -26,5 +27,6 @@ __all__ = [
     "alexnet_paper",
     "alexnet_torchvision",
     "build_model",
+    "check_variant",
     "init_paper_",
 ]

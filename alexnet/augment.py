@@ -20,6 +20,7 @@ from torch import Tensor
 
 __all__ = [
     "center_crop",
+    "crop_params",
     "normalize",
     "pca_lighting",
     "pca_shift",
@@ -105,19 +106,28 @@ def pca_lighting(
     return x.add_(shift.to(x.dtype).view(-1, 3, 1, 1))
 
 
+def crop_params(h: int, w: int, size: int, rng: np.random.Generator) -> tuple[int, int, bool]:
+    """``(top, left, flip)`` of a random crop: the draws :func:`random_crop_flip` makes.
+
+    Needs only the image size, so a loader can draw the crop before the image is decoded
+    (the GPU-decode path does: bytes go to the GPU, the crop box goes with them).
+    """
+    if h < size or w < size:
+        raise ValueError(f"image {h}x{w} is smaller than the crop size {size}")
+    top = int(rng.integers(0, h - size + 1))
+    left = int(rng.integers(0, w - size + 1))
+    return top, left, bool(rng.random() < 0.5)
+
+
 def random_crop_flip(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """A random ``size`` x ``size`` crop of an ``HxWx3`` uint8 image, mirrored with p=0.5.
 
     Slicing is a view; the single copy happens in ``np.ascontiguousarray`` at the end, so
     the result is contiguous (ready for ``torch.from_numpy``) and still uint8.
     """
-    h, w = img.shape[:2]
-    if h < size or w < size:
-        raise ValueError(f"image {h}x{w} is smaller than the crop size {size}")
-    top = int(rng.integers(0, h - size + 1))
-    left = int(rng.integers(0, w - size + 1))
+    top, left, flip = crop_params(img.shape[0], img.shape[1], size, rng)
     crop = img[top : top + size, left : left + size]
-    if rng.random() < 0.5:
+    if flip:
         crop = crop[:, ::-1]
     return np.ascontiguousarray(crop)
 

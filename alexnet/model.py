@@ -31,6 +31,7 @@ __all__ = [
     "alexnet_paper",
     "alexnet_torchvision",
     "build_model",
+    "check_variant",
     "init_paper_",
 ]
 
@@ -262,6 +263,20 @@ def alexnet_cifar(num_classes: int = 10, **kwargs: Any) -> CifarAlexNet:
     return CifarAlexNet(num_classes=num_classes, **kwargs)
 
 
+def check_variant(variant: str, groups: int = 1) -> None:
+    """Raise ValueError unless ``variant``/``groups`` name a model :func:`build_model` makes.
+
+    Cheap (builds nothing), so a launcher can refuse bad flags before it starts any worker.
+    ``groups`` is checked only for ``"paper"`` (1 or 2); other variants must leave it at 1.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown model variant {variant!r}; expected one of {VARIANTS}")
+    if variant == "paper" and groups not in (1, 2):
+        raise ValueError(f"--groups must be 1 or 2 for the paper variant, got {groups}")
+    if variant != "paper" and groups != 1:
+        raise ValueError(f"--groups {groups} applies only to the 'paper' variant, not {variant!r}")
+
+
 def build_model(
     variant: str,
     num_classes: int,
@@ -275,13 +290,10 @@ def build_model(
     the others. ``groups`` only exists in the paper layout; asking another variant for
     ``groups != 1`` is an error rather than silently ignored.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown model variant {variant!r}; expected one of {VARIANTS}")
+    check_variant(variant, groups)
     if init is not None and init not in _INITS:
         raise ValueError(f"unknown init {init!r}; expected one of {_INITS}")
     if variant == "paper":
         return AlexNetPaper(num_classes, groups=groups, dropout=dropout, init=init or "paper")
-    if groups != 1:
-        raise ValueError(f"groups={groups} applies only to the 'paper' variant, not {variant!r}")
     cls = AlexNet if variant == "torchvision" else CifarAlexNet
     return cls(num_classes, dropout=dropout, init=init or "default")
