@@ -54,9 +54,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipelines.train import run_train
+    import os
+    import tempfile
 
-    cfg = C.load(C.TrainConfig, args)
+    from pipelines.train import run_train, stored_config
+
+    stored = None
+    if args.resume and not args.config:
+        # --resume starts from the config the run was launched with; flags given now
+        # (say --epochs 120) override it.
+        base = C.load(C.TrainConfig, args)
+        stored = stored_config(base.run.storage, base.run.name)
+    if stored is not None:
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
+            fh.write(stored)
+        cfg = C.load(C.TrainConfig, args, yaml_path=fh.name)
+        os.unlink(fh.name)
+    else:
+        cfg = C.load(C.TrainConfig, args)
     summary = run_train(cfg)
     print(json.dumps(summary, indent=1, default=str))
     return 0
@@ -99,9 +114,10 @@ def _model_flag(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from alexnet import INPUT_SIZE, build_model
+    from alexnet import INPUT_SIZE, build_model, check_variant
     from alexnet.summary import format_table, layer_table
 
+    check_variant(args.variant, args.groups)  # the same rule `train` applies
     model = build_model(args.variant, args.num_classes, groups=args.groups)
     size = INPUT_SIZE[args.variant]
     print(format_table(layer_table(model, (1, 3, size, size))))
@@ -148,8 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("info", help="layer table of an AlexNet variant")
-    p.add_argument("--variant", default="paper", choices=("paper", "torchvision", "cifar"))
-    p.add_argument("--groups", type=int, default=1, help="2 = the paper's two-GPU split")
+    # The same --variant/--groups as `train` (defaults and help from ModelSection).
+    import dataclasses
+
+    model_fields = {f.name: f for f in dataclasses.fields(C.ModelSection)}
+    for flag in ("variant", "groups"):
+        f = model_fields[flag]
+        p.add_argument(f"--{flag}", type=type(f.default), default=f.default,
+                       choices=f.metadata["choices"],
+                       help=f"{f.metadata['help']} (default: {f.default})")
     p.add_argument("--num-classes", type=int, default=1000)
     p.set_defaults(func=cmd_info)
     return parser

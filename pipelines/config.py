@@ -64,6 +64,8 @@ class DataSection:
     crop: int = opt(224, "training crop size (random crops of the stored images)")
     pca_alphastd: float = opt(0.1, "std of the PCA colour augmentation's alpha (0 turns it off)")
     loader_workers: int = opt(1, "DataLoader processes per training worker (decode + crop)")
+    decode_on_gpu: bool = opt(False, "decode training JPEGs on the GPU (nvJPEG via "
+                              "torchvision.io.decode_jpeg); needs --gpu and JPEG shards")
 
 
 @dataclass
@@ -99,7 +101,8 @@ class RunSection:
     cpus_per_worker: int = opt(1, "CPUs reserved by each worker")
     amp: bool = opt(True, "bf16 autocast on GPU (ignored on CPU)")
     seed: int = opt(0, "seed of init, data order and augmentation")
-    storage: str = opt("checkpoints", "checkpoint storage: local path or pyarrow URI (s3://...)")
+    storage: str = opt("checkpoints", "checkpoint storage: local path or any pyarrow filesystem "
+                       "URI (s3://bucket/dir, gs://..., file:///...)")
     name: str = opt("alexnet", "run name: checkpoints go to STORAGE/NAME")
     max_failures: int = opt(2, "worker-group restarts Ray Train may do after failures")
     resume: bool = opt(False, "continue the stopped run NAME from its last checkpoint")

@@ -1,17 +1,20 @@
 """Launch distributed AlexNet training on Ray Train, tracked in MLflow.
 
     python workflow.py train --data data/sample-shards --workers 2 --epochs 2
-    ray job submit --working-dir . -- python workflow.py train --data /shared/imagenet-shards --gpu
+    ray job submit --working-dir . -- python workflow.py train --data /shared/imagenet-shards \
+        --gpu --workers 8 --storage s3://bucket/alexnet-checkpoints
 
-This file is the launcher: it checks the data, opens the MLflow run, builds
-ScalingConfig/RunConfig/TorchTrainer and, when training ends, logs and registers the best
-checkpoint as the model. The loop every worker runs is in `pipelines/train_loop.py`.
+This file is the launcher: it checks the flags and the data (every error here comes before
+any worker starts), opens the MLflow run, builds ScalingConfig/RunConfig/TorchTrainer and,
+when training ends, logs the confusion matrix and logs + registers the best checkpoint as the
+model. The loop every worker runs is in `pipelines/train_loop.py`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,12 +26,17 @@ from pipelines import tracking
 from pipelines.runtime import init_ray
 from pipelines.shards import manifest_digest, read_manifest
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 class TrainError(RuntimeError):
     """Training cannot start; the message says why and what to do."""
 
 
+# Files the launcher keeps beside Ray Train's own under STORAGE/NAME: the MLflow run id (for
+# --resume and restarts) and the config the run was (last) launched with.
 RUN_ID_FILE = "mlflow_run_id"
+RUN_CONFIG_FILE = "train_config.yaml"
 
 
 def _abs_tracking_uri(uri: str) -> str:
@@ -39,27 +47,93 @@ def _abs_tracking_uri(uri: str) -> str:
     return uri
 
 
-def _is_local(storage: str) -> bool:
-    return "://" not in storage
+def storage_filesystem(storage: str):
+    """(pyarrow filesystem, path) for `--storage`: a local path (made absolute), or any URI
+    pyarrow resolves (`s3://bucket/dir`, `gs://...`, `hdfs://...`, `file:///...`; S3 options
+    go in the query string, e.g. `s3://bucket/dir?endpoint_override=minio:9000`). The
+    filesystem is passed to Ray Train as `storage_filesystem`, so the launcher and the
+    workers read and write checkpoints through the same object and credentials."""
+    import pyarrow.fs as pafs
+
+    if "://" not in storage:
+        return pafs.LocalFileSystem(), str(Path(storage).resolve())
+    try:
+        fs, path = pafs.FileSystem.from_uri(storage)
+    except (ValueError, OSError, ImportError) as exc:
+        raise TrainError(f"--storage {storage}: pyarrow cannot open it ({exc})") from exc
+    return fs, path.rstrip("/")
 
 
-def resolve_run(cfg: C.TrainConfig) -> tuple[str, Path | None]:
+def _exists(fs, path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_text(fs, path: str) -> str:
+    with fs.open_input_stream(path) as fh:
+        return fh.read().decode()
+
+
+def write_text(fs, path: str, text: str) -> None:
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as fh:
+        fh.write(text.encode())
+
+
+def stored_config(storage: str, name: str) -> str | None:
+    """The YAML of the config run NAME was launched with (what `--resume` starts from), or
+    None when there is no such run."""
+    fs, root = storage_filesystem(storage)
+    path = f"{root}/{name}/{RUN_CONFIG_FILE}"
+    return read_text(fs, path) if _exists(fs, path) else None
+
+
+def resolve_run(cfg: C.TrainConfig, fs, root: str) -> str:
     """Pick the run name and check resume/new against what storage holds."""
-    storage = cfg.run.storage
-    if _is_local(storage):
-        storage = str(Path(storage).resolve())
-        cfg.run.storage = storage
-    run_dir = Path(storage) / cfg.run.name if _is_local(storage) else None
-    if run_dir is not None:
-        exists = (run_dir / RUN_ID_FILE).exists()
-        if cfg.run.resume and not exists:
-            raise TrainError(f"--resume: no run {cfg.run.name!r} in {storage}; runs there: "
-                             f"{sorted(p.name for p in Path(storage).glob('*/' + RUN_ID_FILE))}")
-        if not cfg.run.resume and exists:
-            stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-            cfg.run.name = f"{cfg.run.name}-{stamp}"
-            run_dir = Path(storage) / cfg.run.name
-    return cfg.run.name, run_dir
+    import pyarrow.fs as pafs
+
+    exists = _exists(fs, f"{root}/{cfg.run.name}/{RUN_ID_FILE}")
+    if cfg.run.resume and not exists:
+        found = [i.base_name for i in fs.get_file_info(pafs.FileSelector(root,
+                                                                          allow_not_found=True))
+                 if _exists(fs, f"{i.path}/{RUN_ID_FILE}")]
+        raise TrainError(f"--resume: no run {cfg.run.name!r} in {cfg.run.storage}; runs "
+                         f"there: {sorted(found)}")
+    if not cfg.run.resume and exists:
+        # Ray Train would silently resume a run whose name and storage are reused: a new
+        # training gets a new name instead.
+        cfg.run.name = f"{cfg.run.name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return cfg.run.name
+
+
+def check_config(cfg: C.TrainConfig) -> tuple[dict, dict]:
+    """Every check that can fail before a worker starts: flags, manifest, shards. Returns
+    (manifest, {split: {records, shards}})."""
+    from alexnet import check_variant
+    from pipelines.ingest import DatasetMismatch, check_dataset
+
+    try:
+        check_variant(cfg.model.variant, cfg.model.groups)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from exc
+    if cfg.data.decode_on_gpu and not cfg.run.gpu:
+        raise TrainError("--decode-on-gpu needs --gpu: nvJPEG decodes on the workers' GPUs")
+    if cfg.run.workers < 1 or cfg.optim.batch_size < 1 or cfg.run.epochs < 1:
+        raise TrainError("--workers, --batch-size and --epochs must be at least 1")
+    if not cfg.data.data:
+        raise TrainError("--data is required: the OUT directory of `workflow.py preprocess`")
+    cfg.data.data = str(Path(cfg.data.data).resolve())
+    manifest = read_manifest(cfg.data.data)  # FileNotFoundError/ValueError say what to run
+    if cfg.data.decode_on_gpu and manifest.get("preprocess", {}).get("encoding") != "jpeg":
+        raise TrainError("--decode-on-gpu reads JPEG records; these shards are "
+                         f"{manifest.get('preprocess', {}).get('encoding')!r}")
+    try:
+        found = check_dataset(cfg.data.data, manifest, cfg.data.train_split,
+                              cfg.data.val_split, cfg.data.crop)
+    except DatasetMismatch as exc:
+        raise TrainError(str(exc)) from exc
+    return manifest, found
 
 
 def signature_and_example(info: dict):
@@ -85,7 +159,6 @@ def log_and_register(bundle_dir: str, cfg: C.TrainConfig, val_error: float) -> d
 
     info = load_info(bundle_dir)
     sig, example = signature_and_example(info)
-    root = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory() as tmp:
         # Only what inference needs travels: not the optimiser state of the checkpoint.
         bundle = Path(tmp) / "bundle"
@@ -93,9 +166,9 @@ def log_and_register(bundle_dir: str, cfg: C.TrainConfig, val_error: float) -> d
         for name in (WEIGHTS, INFERENCE):
             shutil.copy2(Path(bundle_dir) / name, bundle / name)
         model_info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(root / "pipelines" / "pyfunc_model.py"),
+            name="model", python_model=str(ROOT / "pipelines" / "pyfunc_model.py"),
             artifacts={"bundle": str(bundle)},
-            code_paths=[str(root / "alexnet"), str(root / "pipelines")],
+            code_paths=[str(ROOT / "alexnet"), str(ROOT / "pipelines")],
             signature=sig, input_example=example,
             metadata={"variant": info["variant"], "input_size": info["input_size"],
                       "num_classes": info["num_classes"]})
@@ -106,68 +179,148 @@ def log_and_register(bundle_dir: str, cfg: C.TrainConfig, val_error: float) -> d
             **outcome}
 
 
+def _cluster_tags(cfg: C.TrainConfig) -> dict[str, str]:
+    import ray
+
+    resources = ray.cluster_resources()
+    return {"ray.nodes": str(sum(1 for n in ray.nodes() if n.get("Alive"))),
+            "ray.cluster_cpus": str(int(resources.get("CPU", 0))),
+            "ray.cluster_gpus": str(int(resources.get("GPU", 0))),
+            "ray.train_workers": str(cfg.run.workers)}
+
+
+def _log_start(cfg: C.TrainConfig, manifest: dict, found: dict, digest: str) -> dict:
+    """What a new run logs before training: params, tags, dataset input, artifacts (config,
+    class index, manifest, a grid of augmented training crops). Returns the artifact paths."""
+    import cv2
+    import mlflow
+
+    from pipelines.ingest import augmented_samples
+    from pipelines.shards import split_readers
+
+    mlflow.log_params(C.flatten(cfg))
+    dataset, tags = tracking.dataset_input(cfg.data.data, Path(cfg.data.data).name, digest,
+                                           cfg.data.crop, found)
+    mlflow.log_input(dataset, context="training", tags=tags)
+    samples = augmented_samples(split_readers(cfg.data.data, manifest, cfg.data.train_split),
+                                manifest["stats"], cfg.data.crop, n=16, seed=cfg.run.seed,
+                                alphastd=cfg.data.pca_alphastd)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.yaml").write_text(C.to_yaml(cfg))
+        (Path(tmp) / "classes.json").write_text(json.dumps(manifest["classes"]))
+        grid = tracking.image_grid(samples, columns=8)
+        cv2.imwrite(str(Path(tmp) / "augmented_train_samples.png"), grid[:, :, ::-1])
+        mlflow.log_artifacts(tmp)
+    mlflow.log_artifact(str(Path(cfg.data.data) / "manifest.json"), "dataset")
+    return {"samples": samples.shape[0],
+            "artifacts": ["config.yaml", "classes.json", "augmented_train_samples.png",
+                          "dataset/manifest.json"]}
+
+
+def _log_confusion(ckpt_dir: str, classes: list[dict]) -> list[str]:
+    """The best checkpoint's val confusion matrix: PNG + the top confusions as a table."""
+    import mlflow
+
+    from pipelines.train_loop import read_confusion
+
+    matrix = read_confusion(ckpt_dir)
+    if matrix is None:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        tracking.confusion_figure(matrix, classes, Path(tmp) / "val_confusion.png")
+        mlflow.log_artifact(str(Path(tmp) / "val_confusion.png"))
+    rows = tracking.top_confusions(matrix, classes, k=50)
+    if not rows:  # a perfect matrix: nothing is confused with anything
+        return ["val_confusion.png"]
+    mlflow.log_table({k: [r[k] for r in rows] for k in rows[0]}, "val_top_confusions.json")
+    return ["val_confusion.png", "val_top_confusions.json"]
+
+
 def run_train(cfg: C.TrainConfig) -> dict:
     """Train, then log + register the best checkpoint; returns a summary (also printed)."""
     import mlflow
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.train_loop import train_loop_per_worker
+    from pipelines.train_loop import CHAOS_ENV, train_loop_per_worker
 
-    if not cfg.data.data:
-        raise TrainError("--data is required: the OUT directory of `workflow.py preprocess`")
-    cfg.data.data = str(Path(cfg.data.data).resolve())
-    manifest = read_manifest(cfg.data.data)  # clear error before any worker starts
-    if manifest["splits"].get(cfg.data.train_split, {}).get("records", 0) == 0:
-        raise TrainError(f"{cfg.data.data}: split {cfg.data.train_split!r} has no records")
-    name, run_dir = resolve_run(cfg)
+    manifest, found = check_config(cfg)
+    digest = manifest_digest(cfg.data.data)
+    fs, root = storage_filesystem(cfg.run.storage)
+    if "://" not in cfg.run.storage:
+        cfg.run.storage = root
+    name = resolve_run(cfg, fs, root)
+    run_dir = f"{root}/{name}"
 
     uri = _abs_tracking_uri(tracking.setup_mlflow())
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(cfg.tracking.experiment)
-    run_id = (run_dir / RUN_ID_FILE).read_text().strip() if cfg.run.resume and run_dir else None
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else name)
+    run_id = read_text(fs, f"{run_dir}/{RUN_ID_FILE}").strip() if cfg.run.resume else None
+    if run_id:
+        started_on = mlflow.MlflowClient().get_run(run_id).data.tags.get(
+            "dataset.manifest_sha256")
+        if started_on and started_on != digest:
+            raise TrainError(f"--resume {name}: the run started on dataset {started_on[:12]}, "
+                             f"{cfg.data.data} is now {digest[:12]}; resume with the same "
+                             "data or start a new run")
+    init_ray(log_to_driver=True)
+    # System metrics (CPU, memory, disk, network, GPU) of the driver's node; the workers on
+    # other nodes log theirs under system/node<N>/ (see train_loop._node_monitor).
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else name,
+                           log_system_metrics=True)
     run_id = run.info.run_id
-    if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RUN_ID_FILE).write_text(run_id)
+    write_text(fs, f"{run_dir}/{RUN_ID_FILE}", run_id)
+    write_text(fs, f"{run_dir}/{RUN_CONFIG_FILE}", C.to_yaml(cfg))
+    status = "FAILED"
     try:
-        if not cfg.run.resume:
-            mlflow.log_params(C.flatten(cfg))
-            mlflow.set_tags({"dataset.manifest_sha256": manifest_digest(cfg.data.data),
-                             "ray.run_name": name})
-            with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / "config.yaml").write_text(C.to_yaml(cfg))
-                (Path(tmp) / "classes.json").write_text(json.dumps(manifest["classes"]))
-                mlflow.log_artifacts(tmp)
-            mlflow.log_artifact(str(Path(cfg.data.data) / "manifest.json"), "dataset")
+        tags = {"dataset.manifest_sha256": digest, "ray.run_name": name,
+                "checkpoints": f"{cfg.run.storage.rstrip('/')}/{name}"
+                if "://" in cfg.run.storage else run_dir,
+                **tracking.git_commit(ROOT), **_cluster_tags(cfg)}
+        mlflow.set_tags(tags)
+        if cfg.run.resume:
+            stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            mlflow.log_text(C.to_yaml(cfg), f"resumes/config-{stamp}.yaml")
+            logged = {"artifacts": []}
+        else:
+            logged = _log_start(cfg, manifest, found, digest)
 
-        init_ray(log_to_driver=True)
+        chaos = os.environ.get(CHAOS_ENV)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"cfg": C.to_dict(cfg), "run_id": run_id, "tracking_uri": uri},
+            train_loop_config={"cfg": C.to_dict(cfg), "run_id": run_id, "tracking_uri": uri,
+                               "driver_node_id": ray.get_runtime_context().get_node_id(),
+                               "chaos": json.loads(chaos) if chaos else None},
             torch_config=TorchConfig(backend="nccl" if cfg.run.gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=cfg.run.gpu,
                                          resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
             run_config=RunConfig(
-                name=name, storage_path=cfg.run.storage,
+                name=name, storage_path=root, storage_filesystem=fs,
                 failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                # Keep the two best and (always, by Ray's rule) the latest checkpoint.
                 checkpoint_config=CheckpointConfig(num_to_keep=2,
                                                    checkpoint_score_attribute="score",
                                                    checkpoint_score_order="min")))
         result = trainer.fit()
+        if not result.best_checkpoints:
+            raise TrainError(f"run {name} reported no checkpoint (nothing left to train? "
+                             f"--epochs {cfg.run.epochs})")
         best_ckpt, best_metrics = min(result.best_checkpoints, key=lambda cm: cm[1]["score"])
         summary = {"run_id": run_id, "run_name": name, "tracking_uri": uri,
                    "checkpoint": best_ckpt.path, "best_epoch": best_metrics["epoch"],
                    "val_top1_error": best_metrics.get("val_top1_error"),
                    "val_top5_error": best_metrics.get("val_top5_error"),
-                   "epochs_run": result.metrics.get("epoch", -1) + 1}
+                   "epochs_run": (result.metrics or {}).get("epoch", -1) + 1,
+                   "artifacts": logged["artifacts"]}
         mlflow.log_metrics({"best_val_top1_error": best_metrics.get("val_top1_error", np.nan),
                             "best_epoch": best_metrics["epoch"]})
-        if cfg.tracking.register:
-            with best_ckpt.as_directory() as d:
+        with best_ckpt.as_directory() as d:
+            summary["artifacts"] += _log_confusion(d, manifest["classes"])
+            if cfg.tracking.register:
                 summary["registered"] = log_and_register(
                     d, cfg, best_metrics.get("val_top1_error", best_metrics["score"]))
+        status = "FINISHED"
         return summary
     finally:
-        mlflow.end_run()
+        mlflow.end_run(status)
