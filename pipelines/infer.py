@@ -80,24 +80,25 @@ SCHEMA = pa.schema([
 
 
 # --------------------------------------------------------------------------- inputs
-def _label_of(token, classes: list[dict], where: str) -> int:
-    """A class index from an int index or a wnid; -1 for null."""
+def _label_of(token, classes: list[dict], where: str) -> tuple[int, str]:
+    """(class index, "") from an int index or a wnid; (-1, "") for null; (-1, reason) for a
+    label that is not in the model's class index (the row then gets that error)."""
     if token is None or (isinstance(token, float) and np.isnan(token)):
-        return -1
+        return -1, ""
     wnid_index = {c["wnid"]: c["index"] for c in classes}
     text = str(token).strip()
     if text.lstrip("-").isdigit():
         value = int(text)
         if value == -1:
-            return -1
+            return -1, ""
         if not 0 <= value < len(classes):
-            raise InferError(f"{where}: class {value} is outside the model's class index "
-                             f"(0..{len(classes) - 1})")
-        return value
+            return -1, (f"{where}: class {value} is outside the model's class index "
+                        f"(0..{len(classes) - 1})")
+        return value, ""
     if text in wnid_index:
-        return wnid_index[text]
-    raise InferError(f"{where}: {text!r} is neither a class index nor a wnid of the model "
-                     f"(e.g. {classes[0]['wnid']!r})")
+        return wnid_index[text], ""
+    return -1, (f"{where}: {text!r} is neither a class index nor a wnid of the model "
+                f"(e.g. {classes[0]['wnid']!r})")
 
 
 def _resolve(base: Path, p: str) -> str:
@@ -105,19 +106,21 @@ def _resolve(base: Path, p: str) -> str:
 
 
 def _table(paths: list[str], labels: list[int], kind: str = "file",
-           records: list[int] | None = None) -> pa.Table:
+           records: list[int] | None = None, errors: list[str] | None = None) -> pa.Table:
     n = len(paths)
     return pa.table({"path": pa.array(paths, pa.string()),
                      "record": pa.array(records or [-1] * n, pa.int64()),
                      "label": pa.array(labels, pa.int64()),
-                     "kind": pa.array([kind] * n, pa.string())})
+                     "kind": pa.array([kind] * n, pa.string()),
+                     "error": pa.array(errors or [""] * n, pa.string())})
 
 
 def _list_images_file(path: Path, classes: list[dict]) -> pa.Table:
-    """The images-list layout: `class_id image_path` a line (class_id an index or a wnid);
-    a line of one token is an unlabelled path; blank lines and `#` comments are skipped.
-    Relative paths are relative to the list file's folder."""
-    paths, labels = [], []
+    """The images-list layout of `preprocess`: `class_id image_path` a line (here class_id
+    may also be a wnid of the model); a line of one token is an unlabelled path; blank lines
+    and `#` comments are skipped; relative paths are relative to the list file's folder.
+    A line whose class is not in the model's class index becomes an error row."""
+    paths, labels, errors = [], [], []
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -126,21 +129,23 @@ def _list_images_file(path: Path, classes: list[dict]) -> pa.Table:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        first, _, rest = line.partition(" ")
-        if not rest.strip():
-            label, image = -1, first
+        parts = line.split(None, 1)
+        if len(parts) == 1:
+            (label, error), image = (-1, ""), parts[0]
         else:
-            label, image = _label_of(first, classes, f"{path}:{n}"), rest.strip()
-        paths.append(_resolve(path.parent, image))
+            (label, error), image = _label_of(parts[0], classes, f"{path.name}:{n}"), parts[1]
+        paths.append(_resolve(path.parent, image.strip()))
         labels.append(label)
+        errors.append(error)
     if not paths:
         raise InferError(f"images list {path} has no entries ('class_id image_path' a line)")
-    return _table(paths, labels)
+    return _table(paths, labels, errors=errors)
 
 
 def _list_table_file(path: Path, classes: list[dict], path_column: str,
                      label_column: str) -> pa.Table:
-    """A Parquet or CSV file with a path column (and optionally a label column)."""
+    """A Parquet or CSV file with a path column (and optionally a label column). An empty
+    path or a label outside the model's class index becomes an error row."""
     try:
         if path.suffix.lower() == ".csv":
             import pyarrow.csv as pcsv
@@ -154,19 +159,21 @@ def _list_table_file(path: Path, classes: list[dict], path_column: str,
     if path_column not in table.column_names:
         raise InferError(f"{path} has no column {path_column!r} (--path-column); its columns: "
                          f"{table.column_names}")
-    paths = table[path_column].to_pylist()
-    if any(p is None or p == "" for p in paths):
-        row = next(i for i, p in enumerate(paths) if p is None or p == "")
-        raise InferError(f"{path}: column {path_column!r} is empty in row {row}")
-    if label_column and label_column in table.column_names:
-        raw = table[label_column].to_pylist()
-        labels = [_label_of(v, classes, f"{path} row {i} column {label_column!r}")
-                  for i, v in enumerate(raw)]
-    else:
-        labels = [-1] * len(paths)
-    if not paths:
+    if table.num_rows == 0:
         raise InferError(f"{path} has no rows")
-    return _table([_resolve(path.parent, str(p)) for p in paths], labels)
+    raw_paths = table[path_column].to_pylist()
+    if label_column and label_column in table.column_names:
+        where = f"{path.name} row {{}} column {label_column!r}"
+        found = [_label_of(v, classes, where.format(i))
+                 for i, v in enumerate(table[label_column].to_pylist())]
+    else:
+        found = [(-1, "")] * len(raw_paths)
+    paths, errors = [], []
+    for i, (p, (_, err)) in enumerate(zip(raw_paths, found, strict=True)):
+        empty = p is None or str(p).strip() == ""
+        paths.append(f"{path.name} row {i}" if empty else _resolve(path.parent, str(p)))
+        errors.append(f"{path.name} row {i}: empty {path_column!r}" if empty else err)
+    return _table(paths, [lab for lab, _ in found], errors=errors)
 
 
 def _list_folder(root: Path, classes: list[dict]) -> pa.Table:
@@ -177,7 +184,8 @@ def _list_folder(root: Path, classes: list[dict]) -> pa.Table:
         files += [os.path.join(dirpath, f) for f in sorted(filenames)
                   if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
     if not files:
-        raise InferError(f"no images under {root} (extensions {sorted(IMAGE_EXTENSIONS)})")
+        raise InferError(f"no images under {root} (extensions {sorted(IMAGE_EXTENSIONS)}); "
+                         "for a folder of images lists (train.txt, val.txt) give the list")
     # A file in a folder named after a known wnid has that label (ImageNet/ImageFolder trees).
     return _table(files, [wnid_index.get(Path(f).parent.name, -1) for f in files])
 
@@ -236,6 +244,9 @@ def load_crops(batch: dict[str, np.ndarray], geometries: list[tuple[int, int]],
     labels = batch["label"].copy()
     readers: dict[str, ShardReader] = {}
     for i, (src, kind) in enumerate(zip(batch["path"], batch["kind"], strict=True)):
+        if batch["error"][i]:  # found at listing time (a label not in the class index, ...)
+            errors[i] = str(batch["error"][i])
+            continue
         try:
             if kind == "shard":
                 shards[i], paths[i] = src, f"{src}#{int(batch['record'][i])}"
@@ -429,16 +440,19 @@ class Summary:
         return rows
 
 
-def _write_file(ds, out: Path, fmt: str, summary: Summary) -> None:
-    """Stream every batch to one file through the driver; the file appears atomically."""
+def _write_file(ds, out: Path, fmt: str, summary: Summary) -> tuple[float, int] | None:
+    """Stream every batch to one file through the driver; the file appears atomically.
+    Returns when the first rows arrived and how many, to tell start-up from throughput."""
     import pyarrow.csv as pcsv
 
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     writer = None
+    first = None
     try:
         for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             if table.num_rows == 0:
                 continue
+            first = first or (time.time(), table.num_rows)
             table = table.cast(SCHEMA)
             summary.update(table)
             if fmt == "csv":
@@ -455,6 +469,7 @@ def _write_file(ds, out: Path, fmt: str, summary: Summary) -> None:
         if writer is not None:
             writer.close()
     os.replace(tmp, out)
+    return first
 
 
 def _write_dir(ds, out: str, fmt: str, overwrite: bool, summary: Summary) -> None:
@@ -613,14 +628,21 @@ def run_batch_infer(cfg: InferConfig) -> dict:
                             compute=pool, num_cpus=cfg.cpus_per_actor,
                             num_gpus=1 if cfg.gpu else 0)
         summary = Summary(classes)
+        first = None
         if mode == "file":
-            _write_file(ds, Path(cfg.output), fmt, summary)
+            first = _write_file(ds, Path(cfg.output), fmt, summary)
         else:
             _write_dir(ds, cfg.output, fmt, cfg.overwrite, summary)
-    seconds = time.time() - started
+    ended = time.time()
+    seconds = ended - started
     result = {"output": cfg.output, "output_mode": mode, "format": fmt, **summary.result(),
               "seconds": round(seconds, 2), "images_per_s": round(summary.images / seconds, 2),
               "model": model_uri, "model_version": model_version, "input_kind": source["kind"]}
+    if first is not None and ended > first[0] and summary.images > first[1]:
+        # Start-up (listing, worker and actor start, model load, first batch) apart from the
+        # rate once rows flow: the second is what more images cost.
+        result["first_rows_s"] = round(first[0] - started, 2)
+        result["steady_images_per_s"] = round((summary.images - first[1]) / (ended - first[0]), 2)
     result["per_class"] = summary.per_class_rows()
     if cfg.log_to_mlflow:
         result["mlflow_run_id"] = log_evaluation(

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -223,7 +224,7 @@ def test_folder_tree_labels_from_wnid_folders_and_broken_files_become_rows(
     (tree / "good.jpg").write_bytes(world.val[0].read_bytes())
     (tree / "deeper" / wnid / "UPPER.JPEG").write_bytes(world.val[1].read_bytes())
     broken = _write_broken(tree)
-    result, table = _infer(tmp_path, tree)
+    result, table = _infer(tmp_path, tree, model=str(world.a.bundle))
     rows = {Path(r["path"]).name: r for r in table.to_pylist()}
     assert set(rows) == {"good.jpg", "UPPER.JPEG", *broken}  # README.txt is not an image
     assert result["images"] == 5 and result["errors"] == 3
@@ -247,27 +248,37 @@ def test_images_list_parquet_and_csv_inputs(ray_local, world, tmp_path):
     for i, (p, lab) in enumerate(zip(names, labels, strict=True)):
         cid = world.classes[lab]["wnid"] if i % 2 else str(lab)
         lines.append(f"{cid} {os.path.relpath(p, tmp_path)}")
-    lines.append("1 missing/nowhere.jpg")
+    lines += ["1 missing/nowhere.jpg", f"7\t{names[0]}", f"cat {names[1]}", str(names[2])]
     lst.write_text("\n".join(lines) + "\n")
-    res, t_list = _infer(tmp_path, lst, "list.parquet")
-    assert res["input_kind"] == "images-list" and res["images"] == 7 and res["errors"] == 1
-    assert res["labelled"] == 6
-    by_path = {r["path"]: r for r in t_list.to_pylist()}
-    assert [by_path[str(tmp_path / os.path.relpath(p, tmp_path))]["label"] for p in names] \
-        == labels
-    assert "unreadable" in by_path[str(tmp_path / "missing/nowhere.jpg")]["error"]
+    res, t_list = _infer(tmp_path, lst, "list.parquet", model=str(world.a.bundle))
+    assert res["input_kind"] == "images-list" and res["images"] == 10 and res["errors"] == 3
+    assert res["labelled"] == 6  # the unlabelled path line is predicted, not scored
+    rows = t_list.to_pylist()
+    for p, lab in zip(names, labels, strict=True):
+        row = next(r for r in rows if r["path"] == str(tmp_path / os.path.relpath(p, tmp_path)))
+        assert row["label"] == lab and row["error"] is None
+    errors = {r["error"].split(":")[0 if r["error"].startswith("unreadable") else 1]
+              : r["error"] for r in rows if r["error"]}
+    assert errors["9"] == "list.txt:9: class 7 is outside the model's class index (0..3)"
+    assert errors["10"].startswith("list.txt:10: 'cat' is neither a class index nor a wnid")
+    assert errors["unreadable"].startswith("unreadable: No such file")
+    unlabelled = [r for r in rows if r["path"] == str(names[2]) and r["label"] is None]
+    assert len(unlabelled) == 1 and unlabelled[0]["top5_index"] is not None
 
     # Parquet with a custom path column and wnid labels; CSV with paths only.
     pq.write_table(pa.table({"file": [str(p) for p in names],
                              "truth": [world.classes[lab]["wnid"] for lab in labels]}),
                    tmp_path / "in.parquet")
     res, t_pq = _infer(tmp_path, tmp_path / "in.parquet", "pq.parquet", path_column="file",
-                       label_column="truth")
+                       label_column="truth", model=str(world.a.bundle))
     assert res["input_kind"] == "table" and res["labelled"] == 6
     assert sorted(t_pq["label"].to_pylist()) == sorted(labels)
-    (tmp_path / "in.csv").write_text("path,other\n" + "".join(f"{p},x\n" for p in names))
-    res, t_csv = _infer(tmp_path, tmp_path / "in.csv", "csv.parquet")
-    assert res["images"] == 6 and res["labelled"] == 0 and "top1_accuracy" not in res
+    (tmp_path / "in.csv").write_text("path,other\n" + "".join(f"{p},x\n" for p in names)
+                                     + ",y\n")
+    res, t_csv = _infer(tmp_path, tmp_path / "in.csv", "csv.parquet", model=str(world.a.bundle))
+    assert res["images"] == 7 and res["labelled"] == 0 and "top1_accuracy" not in res
+    assert res["errors"] == 1 and res["error_examples"][0]["error"] == "in.csv row 6: empty 'path'"
+    t_csv = t_csv.filter(pc.is_null(t_csv["error"]))
     # Same images, same model: the same predictions whatever the input kind.
     assert _full_probs(t_csv).keys() == _full_probs(t_pq).keys()
     for k, v in _full_probs(t_csv).items():
@@ -280,7 +291,7 @@ def test_shards_input_labels_and_paths_from_records(ray_local, world, tmp_path):
 
     out = tmp_path / "shards"
     run_preprocess(C.PreprocessConfig(source=str(world.src), out=str(out), resize=40))
-    res, table = _infer(tmp_path, out, split="val")
+    res, table = _infer(tmp_path, out, split="val", model=str(world.a.bundle))
     assert res["input_kind"] == "shards" and res["images"] == res["labelled"] == 20
     row = table.to_pylist()[0]
     assert row["path"].startswith("val/") and row["shard"].endswith(".lmdb")
@@ -297,11 +308,8 @@ def test_bad_inputs_are_clear_errors(world, tmp_path):
     pq.write_table(pa.table({"file": ["a.jpg"]}), tmp_path / "t.parquet")
     with pytest.raises(InferError, match=r"no column 'path'.*\['file'\]"):
         run(input=str(tmp_path / "t.parquet"))
-    (tmp_path / "l.txt").write_text("0 a.jpg\n7 b.jpg\n")
-    with pytest.raises(InferError, match=r"l.txt:2: class 7 is outside"):
-        run(input=str(tmp_path / "l.txt"))
-    (tmp_path / "l.txt").write_text("cat a.jpg\n")
-    with pytest.raises(InferError, match=r"l.txt:1: 'cat' is neither"):
+    (tmp_path / "l.txt").write_text("# nothing listed\n\n")
+    with pytest.raises(InferError, match=r"has no entries"):
         run(input=str(tmp_path / "l.txt"))
     with pytest.raises(InferError, match="--format csv disagrees"):
         run(input=str(world.src / "val"), format="csv")

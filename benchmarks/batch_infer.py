@@ -1,0 +1,265 @@
+"""Batch inference throughput and memory: `batch-infer` end to end against a bare PyTorch loop.
+
+    .venv/bin/python benchmarks/batch_infer.py                # 1600 images, 2 threads
+    .venv/bin/python benchmarks/batch_infer.py --images 4000 --threads 4 --batch-size 64
+
+What it does, all in one run so the ratios compare like with like:
+
+1. Generates ImageNet-sized JPEGs (300-500 px sides, like ILSVRC photos) under
+   /tmp/alexnet-bench (kept between runs), and a 1000-class torchvision-layout AlexNet bundle
+   (random weights: speed does not depend on them).
+2. Baseline: one process, `torch.set_num_threads(THREADS)`, a plain loop over batches:
+   read file -> decode_rgb -> the model's rescale 256 + centre 224 crop -> predict_proba ->
+   top-5 -> one Parquet file. It also times each stage, for the scaling statement.
+3. The pipeline: `run_batch_infer` (listing, Ray Data decode tasks, the actor pool, Parquet
+   through the driver) on a fresh local Ray, for several actor layouts whose model threads add
+   up to THREADS (Ray's own start is timed apart: it is paid once per job, not per image).
+4. Memory: the pipeline on N/4 and on N images; the peak proportional set size (PSS, so
+   shared pages such as the object store count once) summed over the driver and every Ray
+   process it started, sampled every 0.2 s. Flat means peak(N) / peak(N/4) near 1.
+
+Each measurement runs in a fresh child process. Prints a table and a JSON line of figures.
+The machine may be shared: compare the ratios, and rerun when the load average is high.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+WORK = Path("/tmp/alexnet-bench")
+
+
+# --------------------------------------------------------------------------- setup
+def prepare(images: int) -> tuple[Path, Path]:
+    """ImageNet-sized JPEGs (10 classes) and a 1000-class bundle; reused when present."""
+    from pipelines.sample import make_sample
+
+    per_class = -(-images // 10)
+    src = WORK / f"src-{per_class * 10}"
+    if not (src / ".sample.json").is_file():
+        make_sample(src, classes=10, train_per_class=per_class, val_per_class=1, seed=0,
+                    min_side=300, max_side=500)
+    bundle = WORK / "model"
+    if not (bundle / "inference.json").is_file():
+        import torch
+
+        from alexnet import build_model
+        from pipelines.model_package import save_bundle
+
+        torch.manual_seed(0)
+        net = build_model("torchvision", 1000, init="default")
+        classes = [{"index": i, "wnid": f"n{i:08d}", "name": f"class {i}"} for i in range(1000)]
+        save_bundle(bundle, net.state_dict(), {
+            "variant": "torchvision", "groups": 1, "num_classes": 1000, "input_size": 224,
+            "resize": 256, "mean": [123.7, 116.3, 103.5], "std": [58.4, 57.1, 57.4],
+            "classes": classes})
+    return src, bundle
+
+
+def image_list(src: Path, n: int) -> Path:
+    """An images-list file of the first n images (the pipeline reads it as any user would)."""
+    files = sorted(str(p) for p in (src / "train").glob("*/*.JPEG"))[:n]
+    if len(files) < n:
+        raise SystemExit(f"only {len(files)} images in {src}")
+    path = WORK / f"list-{n}.txt"
+    path.write_text("".join(f"{f}\n" for f in files))
+    return path
+
+
+# --------------------------------------------------------------------------- children
+def child_baseline(args) -> dict:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from pipelines.decode import decode_rgb
+    from pipelines.model_package import load_bundle, predict_proba, preprocess_image
+
+    torch.set_num_threads(args.threads)
+    files = Path(args.list).read_text().split()
+    model, info = load_bundle(args.bundle)
+    t_decode = t_model = 0.0
+    started = time.perf_counter()
+    writer = None
+    out = WORK / "baseline.parquet"
+    for o in range(0, len(files), args.batch_size):
+        t0 = time.perf_counter()
+        crops = []
+        for f in files[o:o + args.batch_size]:
+            with open(f, "rb") as fh:
+                crops.append(preprocess_image(decode_rgb(fh.read()), info))
+        t1 = time.perf_counter()
+        probs = predict_proba(model, np.stack(crops), info)
+        idx = np.argsort(-probs, axis=1)[:, :5]
+        t2 = time.perf_counter()
+        table = pa.table({"path": files[o:o + args.batch_size],
+                          "top5_index": idx.tolist(),
+                          "top5_prob": np.take_along_axis(probs, idx, 1).tolist()})
+        writer = writer or pq.ParquetWriter(out, table.schema)
+        writer.write_table(table)
+        t_decode, t_model = t_decode + t1 - t0, t_model + t2 - t1
+    writer.close()
+    seconds = time.perf_counter() - started
+    n = len(files)
+    return {"images": n, "seconds": seconds, "images_per_s": n / seconds,
+            "decode_ms": 1e3 * t_decode / n, "model_ms": 1e3 * t_model / n}
+
+
+def child_pipeline(args) -> dict:
+    import ray
+
+    from pipelines.config import InferConfig
+    from pipelines.infer import run_batch_infer
+
+    t0 = time.perf_counter()
+    ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    t1 = time.perf_counter()
+    cfg = InferConfig(model=[args.bundle], input=args.list, output=str(WORK / "pipe.parquet"),
+                      batch_size=args.batch_size, actors=args.actors,
+                      cpus_per_actor=args.cpus_per_actor)
+    result = run_batch_infer(cfg)
+    t2 = time.perf_counter()
+    ray.shutdown()
+    return {"images": result["images"], "errors": result["errors"], "seconds": t2 - t1,
+            "ray_start_s": t1 - t0, "images_per_s": result["images"] / (t2 - t1),
+            "first_rows_s": result["first_rows_s"],
+            "steady_images_per_s": result["steady_images_per_s"]}
+
+
+# --------------------------------------------------------------------------- measurement
+def _pss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and all its descendants, from /proc (Ray's raylet, GCS and workers included)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def run_child(kind: str, args, **extra) -> dict:
+    """Run one measurement in a fresh process; returns its figures plus peak tree PSS (MB)."""
+    cmd = [sys.executable, __file__, "--child", kind, "--bundle", str(args.bundle),
+           "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+    for k, v in extra.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=env, cwd=WORK)
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, sum(_pss_kb(p) for p in _tree(proc.pid)))
+            stop.wait(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, _ = proc.communicate()
+    stop.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} child failed ({proc.returncode}): {out[-2000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["peak_pss_mb"] = round(peak / 1024, 1)
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=1600, help="images for the throughput runs")
+    p.add_argument("--threads", type=int, default=2, help="model threads in total")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--child", choices=("baseline", "pipeline"), help=argparse.SUPPRESS)
+    p.add_argument("--bundle", help=argparse.SUPPRESS)
+    p.add_argument("--list", help=argparse.SUPPRESS)
+    p.add_argument("--actors", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--cpus-per-actor", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--ray-cpus", type=int, default=3, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        fn = child_baseline if args.child == "baseline" else child_pipeline
+        print(json.dumps(fn(args)))
+        return
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    src, args.bundle = prepare(args.images)
+    full, quarter = image_list(src, args.images), image_list(src, args.images // 4)
+    load = os.getloadavg()[0]
+    print(f"{args.images} images, {args.threads} model threads, batch {args.batch_size}, "
+          f"{os.cpu_count()} cores, load average {load:.1f} at start", flush=True)
+
+    base = run_child("baseline", args, list=full)
+    print(f"baseline loop: {base['images_per_s']:.1f} images/s (decode+preprocess "
+          f"{base['decode_ms']:.1f} ms/image, model {base['model_ms']:.1f} ms/image)", flush=True)
+    t = args.threads
+    # Layouts whose model threads add up to THREADS; one more Ray CPU for the decode tasks.
+    layouts = [(1, t), (t, 1)] if t > 1 else [(1, 1)]
+    rows = []
+    for actors, cpus in layouts:
+        r = run_child("pipeline", args, list=full, actors=actors, cpus_per_actor=cpus,
+                      ray_cpus=actors * cpus + 1)
+        r["layout"] = f"{actors} actor(s) x {cpus} thread(s)"
+        r["ratio"] = r["images_per_s"] / base["images_per_s"]
+        rows.append(r)
+        r["steady_ratio"] = r["steady_images_per_s"] / base["images_per_s"]
+        print(f"pipeline {r['layout']}: {r['images_per_s']:.1f} images/s = "
+              f"{r['ratio']:.2f}x baseline end to end; once rows flow "
+              f"{r['steady_images_per_s']:.1f} images/s = {r['steady_ratio']:.2f}x (first rows "
+              f"after {r['first_rows_s']:.1f} s; Ray start {r['ray_start_s']:.1f} s apart)",
+              flush=True)
+    small = run_child("pipeline", args, list=quarter, actors=layouts[0][0],
+                      cpus_per_actor=layouts[0][1], ray_cpus=layouts[0][0] * layouts[0][1] + 1)
+    big = rows[0]
+    growth = big["peak_pss_mb"] / small["peak_pss_mb"]
+    print(f"peak memory (PSS, driver + Ray): {small['peak_pss_mb']:.0f} MB on "
+          f"{small['images']} images, {big['peak_pss_mb']:.0f} MB on {big['images']} "
+          f"images: x{growth:.2f} for 4x the input (baseline process "
+          f"{base['peak_pss_mb']:.0f} MB)")
+    per_image_model = base["model_ms"] * t  # one thread's cost, if threads scaled perfectly
+    print(f"scaling: each actor thread does ~{1e3 / per_image_model:.0f} images/s of model "
+          f"work and each decode CPU ~{1e3 / base['decode_ms']:.0f} images/s; images/s ~= "
+          f"min(model threads x {1e3 / per_image_model:.0f}, decode CPUs x "
+          f"{1e3 / base['decode_ms']:.0f}) until cores run out")
+    print(json.dumps({"baseline": base, "pipeline": rows, "memory_quarter": small,
+                      "memory_growth_4x": round(growth, 3), "load_average_start": load,
+                      "load_average_end": os.getloadavg()[0]}))
+
+
+if __name__ == "__main__":
+    main()
