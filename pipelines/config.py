@@ -99,6 +99,10 @@ class RunSection:
     workers: int = opt(2, "Ray Train workers (one process each, DDP)")
     gpu: bool = opt(False, "one GPU per worker, NCCL; otherwise CPU workers with gloo")
     cpus_per_worker: int = opt(1, "CPUs reserved by each worker")
+    placement_strategy: str = opt("PACK", "placement of the workers on the cluster's nodes: "
+                                  "PACK (fewest nodes), SPREAD, STRICT_SPREAD (one worker a "
+                                  "node), STRICT_PACK (one node)",
+                                  ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     amp: bool = opt(True, "bf16 autocast on GPU (ignored on CPU)")
     seed: int = opt(0, "seed of init, data order and augmentation")
     storage: str = opt("checkpoints", "checkpoint storage: local path or any pyarrow filesystem "

@@ -294,7 +294,8 @@ def run_train(cfg: C.TrainConfig) -> dict:
                                "chaos": json.loads(chaos) if chaos else None},
             torch_config=TorchConfig(backend="nccl" if cfg.run.gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=cfg.run.gpu,
-                                         resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
+                                         resources_per_worker={"CPU": cfg.run.cpus_per_worker},
+                                         placement_strategy=cfg.run.placement_strategy),
             run_config=RunConfig(
                 name=name, storage_path=root, storage_filesystem=fs,
                 failure_config=FailureConfig(max_failures=cfg.run.max_failures),
