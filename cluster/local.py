@@ -373,6 +373,10 @@ def load_state(state_dir: Path) -> dict:
 
 def save_state(state_dir: Path, state: dict) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
+    # Keeps git (and `ray job submit`, which reads .gitignore files) out of the state dir.
+    ignore = state_dir / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("*\n")
     tmp = state_dir / (STATE + ".tmp")
     tmp.write_text(json.dumps(state, indent=1))
     os.replace(tmp, state_dir / STATE)
