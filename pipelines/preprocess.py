@@ -29,7 +29,6 @@ import os
 import shutil
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,8 @@ from pipelines.sources import Listing, list_source
 EST_RECORD_BYTES = {"jpeg": 30_000, "raw": 256 * 256 * 3}
 SIZE_SAMPLE = 32  # images encoded in the driver to estimate record size (shard planning)
 STAGING = ".staging"
+BLOCK_ROWS = 256     # most rows in one Ray Data block (= one decode task): ~1 s of work
+BLOCKS_PER_CPU = 4   # at least this many blocks a CPU, so no core idles at the end
 LOW_DISK_BYTES = 64 << 20  # under this much free space, a failed write means a full disk
 PLAN = "plan.json"
 
@@ -127,41 +128,43 @@ def _open_stage(path: Path, readonly: bool = False):
     import lmdb
 
     # lock=True: several write tasks on this node may stage into the same shard at once.
+    # metasync=False: data pages are flushed at each commit, the meta page lazily; a machine
+    # crash may undo the last commit (redone by the next run), never corrupt the file.
     return lmdb.open(str(path), subdir=False, map_size=sh.MAP_SIZE, lock=True, meminit=False,
-                     readonly=readonly)
+                     readonly=readonly, metasync=False)
 
 
-def _stage_rows(out: Path, split: str, shard: int, rows: list[dict]) -> tuple[int, int]:
-    """Put rows into the shard's staging LMDB; returns (staged, expected). Idempotent: a key
-    is the record's position, put with overwrite=False, so a retried task adds nothing twice
-    and the pixel sums count each record once."""
+def _stage_rows(out: Path, split: str, shard: int, rows: dict[str, np.ndarray]
+                ) -> tuple[int, int]:
+    """Put one shard's rows (columns of a batch) into its staging LMDB; returns (staged,
+    expected). Idempotent: a row's key is its position in the shard, put with
+    overwrite=False, so a retried task adds nothing twice and the pixel sums count each
+    record once. The value's first byte says record (b"r") or quarantine (b"q")."""
     path = _stage_path(out, split, shard)
     path.parent.mkdir(parents=True, exist_ok=True)
+    values, n = rows["value"], len(rows["pos"])
+    ok = np.array([bool(v) for v in values], bool)
+    new = np.zeros(n, bool)
     env = _open_stage(path)
     try:
         with env.begin(write=True) as txn:
             state = json.loads(txn.get(b"__state__") or b'{"staged": 0}')
-            add_sum, add_outer, add_pixels = np.zeros(3, np.int64), np.zeros(9, np.int64), 0
-            for r in rows:
-                ok = bool(r["value"])
-                entry = r["value"] if ok else json.dumps(
-                    {"path": r["path"], "reason": r["reason"]}).encode()
-                pos = b"%010d" % r["pos"]
-                if txn.get((b"q" if ok else b"r") + pos) is not None:
-                    continue  # staged before under the other outcome: keep the first
-                if txn.put((b"r" if ok else b"q") + pos, entry, overwrite=False):
-                    state["staged"] += 1
-                    if ok:
-                        add_sum += np.asarray(r["sum"], np.int64)
-                        add_outer += np.asarray(r["outer"], np.int64)
-                        add_pixels += int(r["pixels"])
+            for i in range(n):
+                entry = b"r" + values[i] if ok[i] else b"q" + json.dumps(
+                    {"path": str(rows["path"][i]), "reason": str(rows["reason"][i])}).encode()
+                new[i] = txn.put(b"%010d" % rows["pos"][i], entry, overwrite=False)
+            keep = new & ok
             # Python ints in JSON: exact whatever the size.
+            add_sum = np.asarray(rows["sum"], np.int64)[keep].sum(0) if keep.any() else [0] * 3
+            add_outer = (np.asarray(rows["outer"], np.int64)[keep].sum(0) if keep.any()
+                         else [0] * 9)
+            state["staged"] += int(new.sum())
             state["sum"] = [a + int(b) for a, b in zip(state.get("sum", [0] * 3), add_sum,
                                                         strict=True)]
             state["outer"] = [a + int(b) for a, b in zip(state.get("outer", [0] * 9), add_outer,
                                                           strict=True)]
-            state["pixels"] = state.get("pixels", 0) + add_pixels
-            state["expected"] = int(rows[0]["shard_size"])
+            state["pixels"] = state.get("pixels", 0) + int(np.asarray(rows["pixels"])[keep].sum())
+            state["expected"] = int(rows["shard_size"][0])
             txn.put(b"__state__", json.dumps(state).encode())
     finally:
         env.close()
@@ -176,8 +179,8 @@ def staged_positions(out: Path, split: str, shard: int) -> np.ndarray:
     env = _open_stage(path, readonly=True)
     try:
         with env.begin() as txn:
-            return np.array([int(k[1:]) for k in txn.cursor().iternext(values=False)
-                             if k[:1] in (b"r", b"q")], np.int64)
+            return np.array([int(k) for k in txn.cursor().iternext(values=False)
+                             if k.isdigit()], np.int64)
     finally:
         env.close()
 
@@ -196,20 +199,22 @@ def finalize_shard(out: Path, split: str, shard: int) -> dict | None:
             return None  # another task finished it meanwhile
         env = _open_stage(stage, readonly=True)
         try:
-            with env.begin() as txn:
-                state = json.loads(txn.get(b"__state__") or b"{}")
+            with env.begin(buffers=True) as txn:
+                state = json.loads(bytes(txn.get(b"__state__") or b"{}"))
                 if not state or state["staged"] != state["expected"]:
                     return None
                 values, quarantine = [], []
-                for key, value in txn.cursor():
-                    if key.startswith(b"r"):
-                        values.append(bytes(value))
-                    elif key.startswith(b"q"):
-                        quarantine.append({"split": split, **json.loads(bytes(value))})
+                for key, value in txn.cursor():  # keys in position order
+                    if not bytes(key).isdigit():
+                        continue
+                    if value[:1] == b"r":
+                        values.append(value[1:])  # a view into the map: no copy yet
+                    else:
+                        quarantine.append({"split": split, **json.loads(bytes(value[1:]))})
+                final = out / shard_name(split, shard)
+                sha = sh.write_shard(final, values, {"split": split, "shard": shard})
         finally:
             env.close()
-        final = out / shard_name(split, shard)
-        sha = sh.write_shard(final, values, {"split": split, "shard": shard})
         sidecar = {"path": shard_name(split, shard), "records": len(values), "sha256": sha,
                    "bytes": final.stat().st_size, "quarantine": quarantine,
                    "sum": state.get("sum", [0] * 3), "outer": state.get("outer", [0] * 9),
@@ -243,18 +248,21 @@ class LmdbShardSink:
                 return False
 
             def write(self, blocks, ctx) -> list[str]:
-                import pyarrow as pa  # noqa: F811 - runs in a Ray task
+                from ray.data.block import BlockAccessor
 
-                groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
-                for block in blocks:
-                    table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
-                    for row in table.to_pylist():
-                        groups[(row["split"], row["shard"])].append(row)
                 done = []
-                for (split, shard), rows in sorted(groups.items()):
-                    staged, expected = _stage_rows(self.out, split, shard, rows)
-                    if staged == expected and finalize_shard(self.out, split, shard):
-                        done.append(shard_name(split, shard))
+                for block in blocks:  # columns as numpy: no per-row Python dicts
+                    cols = BlockAccessor.for_block(block).to_batch_format("numpy")
+                    keys = np.char.add(cols["split"].astype(str), "/") if len(cols["pos"]) \
+                        else np.array([], str)
+                    keys = np.char.add(keys, cols["shard"].astype(str))
+                    for key in np.unique(keys):
+                        sel = keys == key
+                        rows = {k: v[sel] for k, v in cols.items()}
+                        split, shard = str(rows["split"][0]), int(rows["shard"][0])
+                        staged, expected = _stage_rows(self.out, split, shard, rows)
+                        if staged == expected and finalize_shard(self.out, split, shard):
+                            done.append(shard_name(split, shard))
                 return done
 
         return _Sink(*args, **kwargs)
@@ -589,10 +597,14 @@ def _run_pipeline(pending: pa.Table, root: str, out: Path, cfg: PreprocessConfig
     init_ray(log_to_driver=False, configure_logging=False)
     timing["ray_start_s"] = time.time() - t
     t = time.time()
-    # Blocks of batch_size rows: enough blocks to keep every core busy even for one shard,
-    # and rows arrive at the sink roughly in shard order, so few shards are staged at once.
+    # Each block is one decode task and one sink write (an LMDB commit): big blocks amortise
+    # the per-task costs (scheduling, the driver's and Ray's bookkeeping, the commit), yet
+    # there must be enough of them to keep every core busy to the end. Rows arrive at the
+    # sink roughly in shard order, so few shards are being staged at any time.
     n = pending.num_rows
-    blocks = [pending.slice(o, cfg.batch_size) for o in range(0, n, cfg.batch_size)]
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    rows = max(cfg.batch_size, min(BLOCK_ROWS, math.ceil(n / (BLOCKS_PER_CPU * cpus))))
+    blocks = [pending.slice(o, rows) for o in range(0, n, rows)]
     ds = ray.data.from_arrow(blocks if len(blocks) > 1 else pending)
     ds = ds.map_batches(process_batch, batch_size=cfg.batch_size, batch_format="numpy",
                         fn_kwargs={"source": root, "resize": cfg.resize,
