@@ -58,6 +58,15 @@ def _registry_choices(client, name: str) -> str:
     return f"versions of {name!r}: {sorted(int(v.version) for v in versions)}; aliases: {named}"
 
 
+def _logged_model_id(mv) -> str | None:
+    """The MLflow 3 LoggedModel behind a model version: its `model_id`, or (as versions
+    registered from a `models:/m-...` URI carry it) the id in its source."""
+    if getattr(mv, "model_id", None):
+        return mv.model_id
+    source = getattr(mv, "source", "") or ""
+    return source[len("models:/"):] if source.startswith("models:/m-") else None
+
+
 def _local_bundle(ref: str) -> str:
     from pipelines.model_package import INFERENCE
 
@@ -106,7 +115,7 @@ def resolve_model(ref: str, dst: str | None = None) -> ModelRef:
             raise InferError(f"model {ref!r} not found; {_registry_choices(client, name)}") \
                 from None
         version, run_id = str(mv.version), mv.run_id
-        model_id = getattr(mv, "model_id", None)
+        model_id = _logged_model_id(mv)
         uri = f"models:/{name}/{version}"  # an alias can move: pin what was resolved
     else:
         parts = ref[len("runs:/"):].strip("/").split("/", 1)
@@ -121,7 +130,7 @@ def resolve_model(ref: str, dst: str | None = None) -> ModelRef:
         found = client.search_model_versions(f"run_id='{run_id}'")
         if len(found) == 1:
             name, version = found[0].name, str(found[0].version)
-            model_id = getattr(found[0], "model_id", None)
+            model_id = _logged_model_id(found[0])
         if not path:
             raise InferError(f"model {ref!r}: name the model's path in the run, e.g. "
                              f"runs:/{run_id}/model")

@@ -485,10 +485,10 @@ def test_accuracy_on_known_labels_and_the_evaluation_run(ray_local, world, train
     assert [int(r["images"]) for r in back] == [c["images"] for c in per_class]
     # MLflow 3: the metrics are linked to the registered version's LoggedModel.
     mv = client.get_model_version("alexnet-trained", trained.version)
-    if getattr(mv, "model_id", None):
-        logged = client.get_logged_model(mv.model_id)
-        assert any(m.key == "top1_accuracy" and m.run_id == run.info.run_id
-                   for m in logged.metrics)
+    logged = client.get_logged_model(mv.model_id or mv.source.split("/")[-1])
+    assert any(m.key == "top1_accuracy" and m.run_id == run.info.run_id
+               for m in logged.metrics)
+    assert [i.model_id for i in run.inputs.model_inputs] == [logged.model_id]
 
 
 # --------------------------------------------------------------------------- GPU
