@@ -122,14 +122,20 @@ def crop_params(h: int, w: int, size: int, rng: np.random.Generator) -> tuple[in
 def random_crop_flip(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """A random ``size`` x ``size`` crop of an ``HxWx3`` uint8 image, mirrored with p=0.5.
 
-    Slicing is a view; the single copy happens in ``np.ascontiguousarray`` at the end, so
-    the result is contiguous (ready for ``torch.from_numpy``) and still uint8.
+    Slicing is a view; the one copy is ``np.ascontiguousarray`` of the crop (plus the mirror
+    when flipped), so the result is contiguous (ready for ``torch.from_numpy``) and uint8.
     """
     top, left, flip = crop_params(img.shape[0], img.shape[1], size, rng)
-    crop = img[top : top + size, left : left + size]
-    if flip:
-        crop = crop[:, ::-1]
-    return np.ascontiguousarray(crop)
+    crop = np.ascontiguousarray(img[top : top + size, left : left + size])
+    return _mirror(crop) if flip else crop
+
+
+def _mirror(img: np.ndarray) -> np.ndarray:
+    """Left-right mirror of a contiguous ``HxWx3`` uint8 array, as a new contiguous array.
+
+    NumPy's copy of a negative-stride view moves 3-byte pixels one element at a time: ~0.7 ms
+    for 224x224, as long as decoding the JPEG. torch's flip kernel does it in ~0.04 ms."""
+    return torch.from_numpy(img).flip(1).numpy()
 
 
 def center_crop(img: np.ndarray, size: int) -> np.ndarray:
@@ -163,4 +169,4 @@ def ten_crop(img: np.ndarray, size: int) -> np.ndarray:
     h, w = img.shape[:2]
     if h < size or w < size:
         raise ValueError(f"image {h}x{w} is smaller than the crop size {size}")
-    return np.stack(_five_crop(img, size) + _five_crop(img[:, ::-1], size))
+    return np.stack(_five_crop(img, size) + _five_crop(_mirror(np.ascontiguousarray(img)), size))

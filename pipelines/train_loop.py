@@ -209,10 +209,13 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
                     to_device: DeviceBatches, stats: dict, pca: dict | None, amp,
                     on_step=None) -> dict:
     """One pass over this worker's share. Returns the epoch's sums (an ErrorMeter, still on
-    the device), skipped records, seconds, and the seconds spent waiting for input."""
+    the device), skipped records, seconds, the seconds spent waiting for input, and the CPU
+    seconds of this process (all its threads; not the DataLoader processes): on a shared
+    machine, images per CPU second is the figure that load does not bend."""
     model.train()
     meter = ErrorMeter()
     skipped, wait, steps = 0, 0.0, 0
+    cpu0 = time.process_time()
     t0 = tick = time.perf_counter()
     for step, batch in enumerate(loader):
         wait += time.perf_counter() - tick
@@ -236,15 +239,16 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer: torch.optim.Optim
         steps += 1
         tick = time.perf_counter()
     return {"meter": meter, "skipped": skipped, "seconds": time.perf_counter() - t0,
-            "wait": wait, "steps": steps}
+            "wait": wait, "steps": steps, "cpu_seconds": time.process_time() - cpu0}
 
 
 def evaluate(net: torch.nn.Module, loader, device, stats: dict, ten_crop: bool,
-             world: int, num_classes: int) -> tuple[dict, np.ndarray]:
+             world: int, num_classes: int, amp=None) -> tuple[dict, np.ndarray]:
     """Loss, top-1/top-5 error over the whole val split (each record once across workers),
     and the confusion matrix `[true, predicted]` (int64). With `ten_crop` the softmax of the
     ten crops is averaged, as in the paper, and the loss is the NLL of that average."""
     net.eval()
+    amp = amp if amp is not None else torch.autocast("cpu", enabled=False)
     meter = ErrorMeter()
     skipped = torch.zeros(1, dtype=torch.float64, device=device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
@@ -257,11 +261,15 @@ def evaluate(net: torch.nn.Module, loader, device, stats: dict, ten_crop: bool,
             if ten_crop:  # [N, 10, H, W, 3]: average the softmax of the ten crops
                 n = images.shape[0]
                 x = to_model_input(images.flatten(0, 1).permute(0, 3, 1, 2), stats, None)
-                probs = F.softmax(net(x).float(), dim=1).view(n, 10, -1).mean(1)
+                with amp:
+                    out = net(x)
+                probs = F.softmax(out.float(), dim=1).view(n, 10, -1).mean(1)
                 logits = probs.log()
                 loss = F.nll_loss(logits, labels, reduction="sum")
             else:
-                logits = net(to_model_input(images.permute(0, 3, 1, 2), stats, None)).float()
+                with amp:
+                    logits = net(to_model_input(images.permute(0, 3, 1, 2), stats, None))
+                logits = logits.float()
                 loss = F.cross_entropy(logits, labels, reduction="sum")
             meter.update(loss, topk_correct(logits, labels), labels.numel())
             confusion += torch.bincount(labels * num_classes + logits.argmax(1),
@@ -416,11 +424,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                        "images_per_s": float(totals[0]),
                        "data_wait_fraction": ep["wait"] / seconds,
                        "train_skipped_records": float(totals[1]),
-                       "epoch_seconds": seconds}
+                       "epoch_seconds": seconds,
+                       "worker_cpu_seconds": ep["cpu_seconds"]}
             confusion = None
             if val_loader is not None:
                 val, confusion = evaluate(net, val_loader, device, stats, cfg.run.ten_crop,
-                                          world, num_classes)
+                                          world, num_classes, amp)
                 metrics.update(val)
             score = metrics.get("val_top1_error", metrics["train_loss"])
             metrics["score"] = score
