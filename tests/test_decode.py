@@ -25,7 +25,15 @@ import pytest
 
 from pipelines import shards as sh
 from pipelines.config import PreprocessConfig
-from pipelines.decode import MAX_PIXELS, DecodeError, decode_rgb, read_header, reduction, rescale
+from pipelines.decode import (
+    MAX_PIXELS,
+    DecodeError,
+    decode_rgb,
+    pixel_moments,
+    read_header,
+    reduction,
+    rescale,
+)
 from pipelines.preprocess import process_batch, run_preprocess
 
 Image = pytest.importorskip("PIL.Image")  # Pillow writes the CMYK and EXIF fixtures
@@ -339,3 +347,16 @@ def test_every_bad_kind_through_preprocess(ray_local, tiny_source, tmp_path):
     for name in ("cmyk.JPEG", "ycck.JPEG"):
         want = rescale(rgb, 64)
         assert _mean_error(sh.decode_image(records[name]), want) < 3
+
+
+def test_pixel_moments_are_exact_integers():
+    """cv2 products + sums against numpy int64 arithmetic, extremes included."""
+    rng = np.random.default_rng(5)
+    for img in (rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
+                np.full((300, 400, 3), 255, np.uint8), np.zeros((7, 5, 3), np.uint8),
+                rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)[10:200, 30:400]):
+        flat = img.reshape(-1, 3).astype(np.int64)
+        sums, outer, count = pixel_moments(img)
+        np.testing.assert_array_equal(sums, flat.sum(0))
+        np.testing.assert_array_equal(outer, flat.T @ flat)
+        assert count == flat.shape[0] and outer.dtype == sums.dtype == np.int64

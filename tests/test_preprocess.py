@@ -16,7 +16,7 @@ import pytest
 from pipelines import shards as sh
 from pipelines.config import PreprocessConfig
 from pipelines.decode import decode_rgb, rescale
-from pipelines.preprocess import PreprocessError, moments_to_stats, run_preprocess
+from pipelines.preprocess import PreprocessError, moments_to_stats, run_preprocess, summary_table
 from pipelines.verify import verify_output
 
 
@@ -103,6 +103,12 @@ def test_layout_shards_and_manifest_contract(ray_local, tiny_source, tmp_path):
                                             shards=3, resize=64, batch_size=8))
     assert [s["sha256"] for s in again["splits"]["train"]["shards"]] == \
         [s["sha256"] for s in train["shards"]]
+    # The summary printed at the end: one row per split with the run's figures.
+    table = summary_table(manifest).splitlines()
+    assert table[0].split() == ["split", "images", "quarantined", "shards", "MB", "images/s",
+                                "wall", "s"]
+    assert table[1].split()[:4] == ["train", "40", "0", "3"]
+    assert float(table[1].split()[5]) > 0 and table[2].split()[:4] == ["val", "12", "0", "3"]
 
 
 def test_bad_files_are_quarantined_with_reasons(ray_local, tiny_source, tmp_path):
