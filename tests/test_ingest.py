@@ -56,6 +56,8 @@ def write_dataset(root: Path, classes: int = 3, train: int = 12, val: int = 6,
                 "splits": {}, "stats": STATS,
                 "preprocess": {"resize": side, "encoding": "jpeg", "quality": 95}}
     for split, n in (("train", train), ("val", val)):
+        if n == 0:
+            continue
         values = []
         for i in range(n):
             label = i % classes
