@@ -227,8 +227,8 @@ def _kind(pid: int, title: str, driver: int) -> str:
     """Which part of the job a process is: the driver, Ray's workers, or Ray's own services."""
     if pid == driver:
         return "driver"
-    if title.startswith("ray::"):
-        name = title[5:].split("(")[0]
+    if title.startswith("ray::"):  # ray::IDLE, ray::_StatsActor.register_dataset, ...
+        name = title[5:].split("(")[0].split(".")[0].split(":")[-1].strip()
         return "Ray workers (decode + sink tasks)" if name in ("IDLE", "MapBatches", "Write") \
             else f"Ray {name}"
     words = title.split()
@@ -275,8 +275,9 @@ def run_workflow(src: Path, out: Path, batch_size: int) -> dict:
             peak["driver_rss_kb"] = max(peak["driver_rss_kb"], _rss_kb(proc.pid))
             for p in pids:
                 title, seconds = _cpu_s(p)
-                if seconds:
-                    cpu[p] = (_kind(p, title, proc.pid), seconds)
+                if seconds:  # an exiting process has no title left: keep the kind it had
+                    kind = _kind(p, title, proc.pid) if title.strip() else cpu.get(p, ("?",))[0]
+                    cpu[p] = (kind, seconds)
             stop.wait(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)

@@ -199,29 +199,56 @@ def finalize_shard(out: Path, split: str, shard: int) -> dict | None:
             return None  # another task finished it meanwhile
         env = _open_stage(stage, readonly=True)
         try:
-            with env.begin(buffers=True) as txn:
-                state = json.loads(bytes(txn.get(b"__state__") or b"{}"))
-                if not state or state["staged"] != state["expected"]:
-                    return None
-                values, quarantine = [], []
-                for key, value in txn.cursor():  # keys in position order
-                    if not bytes(key).isdigit():
-                        continue
-                    if value[:1] == b"r":
-                        values.append(value[1:])  # a view into the map: no copy yet
-                    else:
-                        quarantine.append({"split": split, **json.loads(bytes(value[1:]))})
-                final = out / shard_name(split, shard)
-                sha = sh.write_shard(final, values, {"split": split, "shard": shard})
+            with env.begin() as txn:
+                state = json.loads(txn.get(b"__state__") or b"{}")
         finally:
             env.close()
-        sidecar = {"path": shard_name(split, shard), "records": len(values), "sha256": sha,
+        if not state or state["staged"] != state["expected"]:
+            return None
+        quarantine: list[dict] = []
+        final = out / shard_name(split, shard)
+        counted = [0]
+        sha = sh.write_shard(final, _staged_chunks(stage, split, quarantine, counted),
+                             {"split": split, "shard": shard})
+        sidecar = {"path": shard_name(split, shard), "records": counted[0], "sha256": sha,
                    "bytes": final.stat().st_size, "quarantine": quarantine,
                    "sum": state.get("sum", [0] * 3), "outer": state.get("outer", [0] * 9),
                    "pixels": state.get("pixels", 0), "committed_at": time.time()}
         _atomic_write(_sidecar(out, split, shard), json.dumps(sidecar))
         _drop_stage(stage)
     return sidecar
+
+
+def _staged_chunks(stage: Path, split: str, quarantine: list[dict], counted: list[int],
+                   chunk: int = 1024):
+    """The staged records in position order, a chunk of copies at a time; quarantine entries
+    go to `quarantine`. The staging file is mapped afresh for each chunk, so memory stays at
+    one chunk (~30 MB) instead of growing to the shard's size as its pages are touched."""
+    after = b""
+    while True:
+        env = _open_stage(stage, readonly=True)
+        try:
+            with env.begin() as txn:
+                cur = txn.cursor()
+                found = cur.set_range(after) if after else cur.first()
+                records, last = [], None
+                while found and len(records) < chunk:
+                    key, value = cur.key(), cur.value()
+                    if key.isdigit():
+                        last = key
+                        if value[:1] == b"r":
+                            records.append(value[1:])
+                        else:
+                            quarantine.append({"split": split, **json.loads(value[1:])})
+                    found = cur.next()
+        finally:
+            env.close()
+        if records:
+            counted[0] += len(records)
+            yield records
+        if last is None or not found:
+            return
+        after = last + b"\0"  # the next key after the last one read
 
 
 def _drop_stage(stage: Path) -> None:

@@ -158,21 +158,32 @@ class ShardReader:
         return unpack_record(self.raw(index))
 
 
-def write_shard(path: str | os.PathLike, values: list[bytes], meta: dict) -> str:
-    """Write a finished shard atomically (tmp file + rename) and return its sha256."""
+def write_shard(path: str | os.PathLike, values, meta: dict, chunk: int = 1024) -> str:
+    """Write a finished shard atomically (tmp file + rename) and return its sha256.
+
+    `values` is a list of record values, or any iterable of lists (chunks) of them. A
+    transaction is committed every `chunk` records: LMDB holds a write transaction's dirty
+    pages in memory, so one transaction per shard would cost a shard's size of RAM. Records
+    are appended in order, so the same records give the same file bytes on every run."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     for leftover in (tmp, Path(str(tmp) + "-lock")):
         leftover.unlink(missing_ok=True)
+    chunks = [values] if isinstance(values, list) else values
     # meminit=True zeroes unused page space, so the same records give the same file bytes
     # (and sha256) on every run.
     env = lmdb.open(str(tmp), subdir=False, map_size=MAP_SIZE, lock=False, sync=False,
                     metasync=False, meminit=True)
+    n = 0
     try:
+        for part in chunks:
+            for start in range(0, len(part), chunk):
+                with env.begin(write=True) as txn:
+                    for value in part[start:start + chunk]:
+                        txn.put(record_key(n), value, append=True)
+                        n += 1
         with env.begin(write=True) as txn:
-            for i, value in enumerate(values):
-                txn.put(record_key(i), value, append=True)
-            txn.put(META_KEY, json.dumps({**meta, "records": len(values)}).encode())
+            txn.put(META_KEY, json.dumps({**meta, "records": n}).encode())
         env.sync(True)  # data on disk before the rename makes the shard visible
     finally:
         env.close()
