@@ -1,25 +1,30 @@
 """Batch inference throughput and memory: `batch-infer` end to end against a bare PyTorch loop.
 
-    .venv/bin/python benchmarks/batch_infer.py                # 1600 images, 2 threads
-    .venv/bin/python benchmarks/batch_infer.py --images 4000 --threads 4 --batch-size 64
+    .venv/bin/python benchmarks/batch_infer.py                  # 2000 images, 2 threads
+    .venv/bin/python benchmarks/batch_infer.py --images 8000 --threads 8 --batch-size 64
 
-What it does, all in one run so the ratios compare like with like:
+All in one run, so the ratios compare like with like:
 
-1. Generates ImageNet-sized JPEGs (300-500 px sides, like ILSVRC photos) under
-   /tmp/alexnet-bench (kept between runs), and a 1000-class torchvision-layout AlexNet bundle
-   (random weights: speed does not depend on them).
-2. Baseline: one process, `torch.set_num_threads(THREADS)`, a plain loop over batches:
-   read file -> decode_rgb -> the model's rescale 256 + centre 224 crop -> predict_proba ->
-   top-5 -> one Parquet file. It also times each stage, for the scaling statement.
+1. Generates ImageNet-sized JPEGs (300-500 px sides, like ILSVRC photos; 10 synthetic
+   classes) under /tmp/alexnet-bench, kept between runs, and a 1000-class torchvision-layout
+   AlexNet bundle (random weights: the speed does not depend on them). Input: an images-list
+   file of the first N of them.
+2. Baseline: one process, `torch.set_num_threads(THREADS)`, a plain loop over batches: read
+   -> decode_rgb -> the model's rescale 256 + centre 224 crop -> predict_proba -> top-5 ->
+   one Parquet file. Timed from cold (importing torch and loading the model count, as they
+   do in the pipeline's actors); also timed after the model load, and per stage.
 3. The pipeline: `run_batch_infer` (listing, Ray Data decode tasks, the actor pool, Parquet
-   through the driver) on a fresh local Ray, for several actor layouts whose model threads add
-   up to THREADS (Ray's own start is timed apart: it is paid once per job, not per image).
-4. Memory: the pipeline on N/4 and on N images; the peak proportional set size (PSS, so
+   streamed through the driver) on a fresh local Ray, for actor layouts whose model threads
+   add up to THREADS, then one actor of one thread (for the scaling with actors). Ray's own
+   start is timed apart: a cluster is started once, not per job.
+4. The load of a shared machine drifts within minutes, so a baseline runs before and after
+   every pipeline run and each ratio is against the mean of the two around it. CPU seconds
+   of the whole process tree per image are reported too: they move less with the load.
+5. Memory: the pipeline on N/4 and on N images; the peak proportional set size (PSS, so
    shared pages such as the object store count once) summed over the driver and every Ray
    process it started, sampled every 0.2 s. Flat means peak(N) / peak(N/4) near 1.
 
-Each measurement runs in a fresh child process. Prints a table and a JSON line of figures.
-The machine may be shared: compare the ratios, and rerun when the load average is high.
+Each measurement runs in a fresh child process. Prints one line per run and a JSON line.
 """
 
 from __future__ import annotations
@@ -77,6 +82,9 @@ def image_list(src: Path, n: int) -> Path:
 
 # --------------------------------------------------------------------------- children
 def child_baseline(args) -> dict:
+    # Timed from cold, as the pipeline is: importing torch and loading the model count, as
+    # they do in the pipeline's actors (Ray's own start does not count on either side).
+    started = time.perf_counter()
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -89,7 +97,7 @@ def child_baseline(args) -> dict:
     files = Path(args.list).read_text().split()
     model, info = load_bundle(args.bundle)
     t_decode = t_model = 0.0
-    started = time.perf_counter()
+    ready = time.perf_counter()
     writer = None
     out = WORK / "baseline.parquet"
     for o in range(0, len(files), args.batch_size):
@@ -109,9 +117,10 @@ def child_baseline(args) -> dict:
         writer.write_table(table)
         t_decode, t_model = t_decode + t1 - t0, t_model + t2 - t1
     writer.close()
-    seconds = time.perf_counter() - started
+    ended = time.perf_counter()
     n = len(files)
-    return {"images": n, "seconds": seconds, "images_per_s": n / seconds,
+    return {"images": n, "seconds": ended - started, "images_per_s": n / (ended - started),
+            "start_s": ready - started, "steady_images_per_s": n / (ended - ready),
             "decode_ms": 1e3 * t_decode / n, "model_ms": 1e3 * t_model / n}
 
 
@@ -134,8 +143,8 @@ def child_pipeline(args) -> dict:
     ray.shutdown()
     return {"images": result["images"], "errors": result["errors"], "seconds": t2 - t1,
             "ray_start_s": t1 - t0, "images_per_s": result["images"] / (t2 - t1),
-            "first_rows_s": result["first_rows_s"],
-            "steady_images_per_s": result["steady_images_per_s"]}
+            "first_rows_s": result.get("first_rows_s", 0.0),
+            "steady_images_per_s": result.get("steady_images_per_s", 0.0)}
 
 
 # --------------------------------------------------------------------------- measurement
@@ -150,28 +159,34 @@ def _pss_kb(pid: int) -> int:
     return 0
 
 
-def _tree(pid: int) -> list[int]:
-    """pid and all its descendants, from /proc (Ray's raylet, GCS and workers included)."""
+def _tree(pid: int) -> dict[int, float]:
+    """pid and all its descendants (Ray's raylet, GCS and workers included), from /proc,
+    with the CPU seconds (user + system) each has used so far."""
     children: dict[int, list[int]] = {}
+    cpu: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
             continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    out, todo = {}, [pid]
     while todo:
         p = todo.pop()
-        out.append(p)
+        out[p] = cpu.get(p, 0.0)
         todo += children.get(p, [])
     return out
 
 
 def run_child(kind: str, args, **extra) -> dict:
-    """Run one measurement in a fresh process; returns its figures plus peak tree PSS (MB)."""
+    """Run one measurement in a fresh process; returns its figures plus the peak PSS of its
+    process tree (MB) and the CPU seconds the tree used (sampled every 0.2 s, so a process's
+    last fraction of a second can be missed)."""
     cmd = [sys.executable, __file__, "--child", kind, "--bundle", str(args.bundle),
            "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
     for k, v in extra.items():
@@ -180,12 +195,16 @@ def run_child(kind: str, args, **extra) -> dict:
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=env, cwd=WORK)
     peak = 0
+    cpu: dict[int, float] = {}
     stop = threading.Event()
 
     def sample() -> None:
         nonlocal peak
         while not stop.is_set():
-            peak = max(peak, sum(_pss_kb(p) for p in _tree(proc.pid)))
+            tree = _tree(proc.pid)
+            for p, seconds in tree.items():
+                cpu[p] = max(cpu.get(p, 0.0), seconds)
+            peak = max(peak, sum(_pss_kb(p) for p in tree))
             stop.wait(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -197,12 +216,14 @@ def run_child(kind: str, args, **extra) -> dict:
         raise SystemExit(f"{kind} child failed ({proc.returncode}): {out[-2000:]}")
     result = json.loads(out.strip().splitlines()[-1])
     result["peak_pss_mb"] = round(peak / 1024, 1)
+    result["cpu_s"] = round(sum(cpu.values()), 1)
+    result["cpu_ms_per_image"] = round(1e3 * result["cpu_s"] / result["images"], 1)
     return result
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=1600, help="images for the throughput runs")
+    p.add_argument("--images", type=int, default=2000, help="images for the throughput runs")
     p.add_argument("--threads", type=int, default=2, help="model threads in total")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--child", choices=("baseline", "pipeline"), help=argparse.SUPPRESS)
@@ -224,25 +245,35 @@ def main() -> None:
     print(f"{args.images} images, {args.threads} model threads, batch {args.batch_size}, "
           f"{os.cpu_count()} cores, load average {load:.1f} at start", flush=True)
 
-    base = run_child("baseline", args, list=full)
-    print(f"baseline loop: {base['images_per_s']:.1f} images/s (decode+preprocess "
-          f"{base['decode_ms']:.1f} ms/image, model {base['model_ms']:.1f} ms/image)", flush=True)
     t = args.threads
-    # Layouts whose model threads add up to THREADS; one more Ray CPU for the decode tasks.
-    layouts = [(1, t), (t, 1)] if t > 1 else [(1, 1)]
+    # Layouts whose model threads add up to THREADS, then one actor of one thread (with the
+    # t x 1 layout it shows how the pool scales with actors); one more Ray CPU for decoding.
+    layouts = [(1, t), (t, 1), (1, 1)] if t > 1 else [(1, 1)]
+    # On a shared machine the load drifts within minutes: a baseline runs before and after
+    # every pipeline run, and each ratio is against the mean of the two around it.
+    bases = [run_child("baseline", args, list=full)]
+    _say_base(bases[-1])
     rows = []
     for actors, cpus in layouts:
         r = run_child("pipeline", args, list=full, actors=actors, cpus_per_actor=cpus,
                       ray_cpus=actors * cpus + 1)
-        r["layout"] = f"{actors} actor(s) x {cpus} thread(s)"
-        r["ratio"] = r["images_per_s"] / base["images_per_s"]
+        bases.append(run_child("baseline", args, list=full))
+        _say_base(bases[-1])
+        ref = (bases[-2]["images_per_s"] + bases[-1]["images_per_s"]) / 2
+        ref_cpu = (bases[-2]["cpu_ms_per_image"] + bases[-1]["cpu_ms_per_image"]) / 2
+        ref_steady = (bases[-2]["steady_images_per_s"] + bases[-1]["steady_images_per_s"]) / 2
+        r.update(layout=f"{actors} actor(s) x {cpus} thread(s)", baseline_images_per_s=ref,
+                 ratio=r["images_per_s"] / ref,
+                 steady_ratio=r["steady_images_per_s"] / ref_steady,
+                 cpu_ratio=r["cpu_ms_per_image"] / ref_cpu)
         rows.append(r)
-        r["steady_ratio"] = r["steady_images_per_s"] / base["images_per_s"]
-        print(f"pipeline {r['layout']}: {r['images_per_s']:.1f} images/s = "
-              f"{r['ratio']:.2f}x baseline end to end; once rows flow "
-              f"{r['steady_images_per_s']:.1f} images/s = {r['steady_ratio']:.2f}x (first rows "
-              f"after {r['first_rows_s']:.1f} s; Ray start {r['ray_start_s']:.1f} s apart)",
-              flush=True)
+        print(f"pipeline {r['layout']}: {r['images_per_s']:.1f} images/s end to end = "
+              f"{r['ratio']:.2f}x the baselines around it ({ref:.1f}); once rows flow "
+              f"{r['steady_images_per_s']:.1f} images/s = {r['steady_ratio']:.2f}x the loop's "
+              f"after its model load (first rows "
+              f"after {r['first_rows_s']:.1f} s; Ray start {r['ray_start_s']:.1f} s apart); "
+              f"CPU {r['cpu_ms_per_image']:.0f} ms/image = {r['cpu_ratio']:.2f}x the "
+              f"baseline's", flush=True)
     small = run_child("pipeline", args, list=quarter, actors=layouts[0][0],
                       cpus_per_actor=layouts[0][1], ray_cpus=layouts[0][0] * layouts[0][1] + 1)
     big = rows[0]
@@ -250,15 +281,30 @@ def main() -> None:
     print(f"peak memory (PSS, driver + Ray): {small['peak_pss_mb']:.0f} MB on "
           f"{small['images']} images, {big['peak_pss_mb']:.0f} MB on {big['images']} "
           f"images: x{growth:.2f} for 4x the input (baseline process "
-          f"{base['peak_pss_mb']:.0f} MB)")
+          f"{bases[0]['peak_pss_mb']:.0f} MB)")
+    if t > 1:
+        one, many = rows[2], rows[1]
+        print(f"scaling with actors of 1 thread: 1 -> {t} actors "
+              f"x{many['steady_images_per_s'] / one['steady_images_per_s']:.2f} once rows flow, "
+              f"x{many['images_per_s'] / one['images_per_s']:.2f} end to end, on "
+              f"{os.cpu_count()} cores")
+    base = bases[0]
     per_image_model = base["model_ms"] * t  # one thread's cost, if threads scaled perfectly
-    print(f"scaling: each actor thread does ~{1e3 / per_image_model:.0f} images/s of model "
-          f"work and each decode CPU ~{1e3 / base['decode_ms']:.0f} images/s; images/s ~= "
-          f"min(model threads x {1e3 / per_image_model:.0f}, decode CPUs x "
-          f"{1e3 / base['decode_ms']:.0f}) until cores run out")
-    print(json.dumps({"baseline": base, "pipeline": rows, "memory_quarter": small,
+    print(f"per-stage cost (first baseline): model ~{per_image_model:.0f} ms/image on one "
+          f"thread (~{1e3 / per_image_model:.0f} images/s per actor thread), "
+          f"decode+rescale+crop ~{base['decode_ms']:.1f} ms/image "
+          f"(~{1e3 / base['decode_ms']:.0f} images/s per decode CPU)")
+    print(json.dumps({"baselines": bases, "pipeline": rows, "memory_quarter": small,
                       "memory_growth_4x": round(growth, 3), "load_average_start": load,
                       "load_average_end": os.getloadavg()[0]}))
+
+
+def _say_base(b: dict) -> None:
+    print(f"baseline loop: {b['images_per_s']:.1f} images/s from cold, "
+          f"{b['steady_images_per_s']:.1f} after {b['start_s']:.1f} s of imports and model load "
+          f"(decode+preprocess "
+          f"{b['decode_ms']:.1f} ms/image, model {b['model_ms']:.1f} ms/image; CPU "
+          f"{b['cpu_ms_per_image']:.0f} ms/image)", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ What `batch-infer`'s actors and `workflow.py predict` share, with no Ray in it:
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -25,6 +26,10 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_MODEL = "models:/alexnet@champion"
+# The bundle's file names (pipelines.model_package.WEIGHTS / INFERENCE, checked equal by a
+# test), repeated here so that resolving a model and decoding images never import torch:
+# the driver and every decode worker would pay seconds and ~200 MB for it.
+WEIGHTS, INFERENCE = "weights.pt", "inference.json"
 
 # An image whose rescaled size would exceed this many pixels is refused: a 1 x 100000
 # banner rescaled to a shorter side of 256 would need ~20 GB. 64 squares of the rescale
@@ -68,8 +73,6 @@ def _logged_model_id(mv) -> str | None:
 
 
 def _local_bundle(ref: str) -> str:
-    from pipelines.model_package import INFERENCE
-
     root = Path(ref)
     for candidate in (root, root / "artifacts" / "bundle"):  # a bundle / checkpoint, or a
         if (candidate / INFERENCE).is_file():                 # downloaded MLflow model dir
@@ -148,18 +151,19 @@ def resolve_model(ref: str, dst: str | None = None) -> ModelRef:
         raise InferError(f"model {ref!r} could not be downloaded "
                          f"({type(exc).__name__}: {str(exc)[:200]}){extra}") from None
     bundle = Path(local) / "artifacts" / "bundle"
-    from pipelines.model_package import INFERENCE
-
     if not (bundle / INFERENCE).is_file():
         raise InferError(f"{ref} is not an alexnet-workflow model (no artifacts/bundle/{INFERENCE})")
     return ModelRef(uri=ref, bundle=str(bundle), name=name, version=version, run_id=run_id,
                     model_id=model_id)
 
 
+def read_info(bundle: str | os.PathLike) -> dict:
+    """A bundle's inference.json (variant, sizes, mean/std, class index)."""
+    return json.loads((Path(bundle) / INFERENCE).read_text())
+
+
 def resolve_models(refs: list[str] | str, dst: str | None = None) -> list[ModelRef]:
     """Resolve every member of an ensemble; they must share one class index."""
-    from pipelines.model_package import load_info
-
     refs = [refs] if isinstance(refs, str) else list(refs)
     if not refs:
         refs = [DEFAULT_MODEL]
@@ -172,7 +176,7 @@ def resolve_models(refs: list[str] | str, dst: str | None = None) -> list[ModelR
             sub = os.path.join(dst, str(i))
             os.makedirs(sub, exist_ok=True)
         resolved.append(resolve_model(ref, sub))
-    wnids = [[c["wnid"] for c in load_info(m.bundle)["classes"]] for m in resolved]
+    wnids = [[c["wnid"] for c in read_info(m.bundle)["classes"]] for m in resolved]
     for m, w in zip(resolved[1:], wnids[1:], strict=True):
         if w != wnids[0]:
             raise InferError(f"ensemble: {m.uri} has a different class index than "
@@ -187,11 +191,27 @@ def geometry(info: dict) -> tuple[int, int]:
     return int(info["resize"]), int(info["input_size"])
 
 
+def _centre(img: np.ndarray, size: int) -> np.ndarray:
+    # Offsets rounded as alexnet.augment.center_crop (and torchvision) round them.
+    h, w = img.shape[:2]
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    return img[top:top + size, left:left + size]
+
+
+def _five(img: np.ndarray, size: int) -> list[np.ndarray]:
+    h, w = img.shape[:2]
+    return [img[:size, :size], img[:size, w - size:], img[h - size:, :size],
+            img[h - size:, w - size:], _centre(img, size)]
+
+
 def make_crops(rgb: np.ndarray, geom: tuple[int, int], ten_crop: bool) -> np.ndarray:
-    """uint8 crops of one decoded image: [S, S, 3] (centre) or [10, S, S, 3] (ten-crop)."""
-    from alexnet.augment import ten_crop as ten
+    """uint8 crops of one decoded image: [S, S, 3] (centre) or [10, S, S, 3] (ten-crop).
+
+    The same pixels as `model_package.preprocess_image` (rescale the shorter side, centre
+    crop) and `alexnet.augment.ten_crop` (torchvision's order: corners, centre, then the same
+    of the mirror) - a test holds them equal - in numpy and OpenCV only, so decode workers
+    never import torch."""
     from pipelines.decode import rescale
-    from pipelines.model_package import preprocess_image
 
     resize, size = geom
     h, w = rgb.shape[:2]
@@ -199,8 +219,9 @@ def make_crops(rgb: np.ndarray, geom: tuple[int, int], ten_crop: bool) -> np.nda
         raise ValueError(f"aspect ratio {max(h, w)}:{min(h, w)} is beyond "
                          f"{MAX_RESCALED_SQUARES}:1; rescaling would need too much memory")
     if ten_crop:  # the paper's ten crops come from the central resize x resize square
-        return ten(rescale(rgb, resize, center_crop=True), size)
-    return preprocess_image(rgb, {"resize": resize, "input_size": size})
+        square = rescale(rgb, resize, center_crop=True)
+        return np.stack(_five(square, size) + _five(square[:, ::-1], size))
+    return np.ascontiguousarray(_centre(rescale(rgb, resize, center_crop=False), size))
 
 
 # --------------------------------------------------------------------------- models

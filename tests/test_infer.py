@@ -360,6 +360,29 @@ def test_gpu_without_a_gpu_is_a_clear_error(ray_local, world, tmp_path):
 
 
 # --------------------------------------------------------------------------- ten-crop, ensembles
+@pytest.mark.parametrize("h, w, geom", [(48, 96, (40, 32)), (301, 257, (256, 224)),
+                                        (224, 500, (256, 224)), (37, 36, (40, 32))])
+def test_decode_side_crops_are_the_model_package_transform(h, w, geom):
+    """Decode workers crop without torch; the pixels must be the model's own transform
+    (what the logged pyfunc model does) and the paper's ten crops as alexnet.augment cuts them."""
+    from alexnet.augment import ten_crop
+    from pipelines import model_package
+    from pipelines import predict as P
+    from pipelines.decode import rescale
+    from pipelines.predict import make_crops
+
+    assert (P.WEIGHTS, P.INFERENCE) == (model_package.WEIGHTS, model_package.INFERENCE)
+    rgb = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    info = {"resize": geom[0], "input_size": geom[1]}
+    np.testing.assert_array_equal(make_crops(rgb, geom, False),
+                                  model_package.preprocess_image(rgb, info))
+    np.testing.assert_array_equal(make_crops(rgb, geom, True),
+                                  ten_crop(rescale(rgb, geom[0], center_crop=True), geom[1]))
+    with pytest.raises(ValueError, match="aspect ratio 130:2 is beyond 64:1"):
+        make_crops(np.zeros((2, 130, 3), np.uint8), geom, False)
+
+
+
 @pytest.mark.slow
 def test_ten_crop_is_the_mean_of_the_ten_crops_softmax(ray_local, world, trained, tmp_path):
     from alexnet.augment import ten_crop
