@@ -81,21 +81,32 @@ def write_dataset(root: Path, classes: int = 3, train: int = 12, val: int = 6,
 
 def corrupt_record(shard: Path, index: int) -> str:
     """Flip one byte inside record `index`'s image bytes, in place (bit rot: the file keeps
-    its size and LMDB structure; only the record's CRC tells)."""
-    rec = ShardReader(shard)[index]
+    its size and LMDB structure; only the record's CRC tells). LMDB's copy-on-write may
+    leave stale copies of a leaf page in the file, so every copy of the window is flipped;
+    the window comes from the entropy-coded data (headers and Huffman tables repeat across
+    JPEGs of one encoder), and the other records are checked to still read."""
+    reader = ShardReader(shard)
+    rec = reader[index]
+    others = [i for i in range(len(reader)) if i != index and _reads(reader, i)]
+    needle = rec.image[len(rec.image) - 48:len(rec.image) - 16]
     blob = bytearray(shard.read_bytes())
-    # A window of the entropy-coded data near the end (headers and Huffman tables repeat
-    # across JPEGs of one encoder), found exactly once in the file.
-    for start in range(len(rec.image) - 34, 0, -16):
-        needle = rec.image[start:start + 32]
-        at = blob.find(needle)
-        if at > 0 and blob.find(needle, at + 1) == -1:
-            break
-    else:
-        raise AssertionError(f"no unique window of record {index} in {shard}")
-    blob[at + 5] ^= 0xFF
+    at = blob.find(needle)
+    assert at > 0, f"record {index} not found in {shard}"
+    while at >= 0:
+        blob[at + 5] ^= 0xFF
+        at = blob.find(needle, at + 1)
     shard.write_bytes(bytes(blob))
+    assert not _reads(reader, index)
+    assert all(_reads(reader, i) for i in others), "the flip hit another record"
     return rec.path
+
+
+def _reads(reader: ShardReader, index: int) -> bool:
+    try:
+        reader[index]
+        return True
+    except ValueError:
+        return False
 
 
 @pytest.fixture()
