@@ -388,8 +388,9 @@ def main() -> None:
     loops = run_loops(srcs[n0], items, tmp / "loops")
     a = loops["a"]
     print(f"(a) single-process loop: {loops['a_images_per_s']:.1f} images/s; CPU per image: "
-          + ", ".join(f"{k} {1e3 * a[k] / len(items):.2f} ms ({100 * a[k] / a['total']:.0f}%)"
-                      for k in STAGES), flush=True)
+          + ", ".join(f"{k} {1e3 * a[k] / len(items):.2f} ms "
+                      f"({100 * a[k] / sum(a[s] for s in STAGES):.0f}%)" for k in STAGES),
+          flush=True)
     print(f"    CPU {loops['a_cpu_ms_per_image']:.2f} ms per image", flush=True)
     print(f"(b) the loop in {loops['b_processes']} processes: {loops['b_images_per_s']:.1f} "
           f"images/s; CPU {loops['b_cpu_ms_per_image']:.2f} ms per image", flush=True)

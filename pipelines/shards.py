@@ -95,7 +95,7 @@ def decode_image(rec: Record) -> np.ndarray:
             raise RecordError(f"raw record {rec.path}: {arr.size} bytes, header says "
                               f"{rec.height}x{rec.width}x3")
         return arr.reshape(rec.height, rec.width, 3)
-    # RGB straight from libjpeg: a numpy [:, :, ::-1] copy would cost a third of the decode.
+    # RGB straight from libjpeg: a numpy [:, :, ::-1] copy would cost more than the decode.
     rgb = cv2.imdecode(np.frombuffer(rec.image, dtype=np.uint8),
                        cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
     if rgb is None:
