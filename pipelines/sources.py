@@ -600,7 +600,7 @@ def detect_layout(src: Path) -> tuple[str, str]:
 def list_source(src: str | os.PathLike, layout: str = "auto") -> Listing:
     src = Path(src)
     if not src.exists():
-        raise SourceError(f"source {src} does not exist")
+        raise SourceError(f"source {src} is not a readable directory: it does not exist")
     if not src.is_file() and not os.access(src, os.R_OK | os.X_OK):
         raise SourceError(f"source {src} is not a readable folder (permissions)")
     if src.is_file() and layout not in ("auto", "images-list"):
