@@ -492,6 +492,8 @@ def format_dry_run(report: dict) -> str:
             n = np.array(list(per.values()))
             lines.append(f"{split} per class: min {n.min()}, median {int(np.median(n))}, max "
                          f"{n.max()} images; {int((n == 0).sum())} of {len(n)} classes have none")
+            items = [f"{k} {v:>5}" for k, v in per.items()]
+            lines += ["  " + "   ".join(items[i:i + 6]) for i in range(0, len(items), 6)]
     for q in report["quarantine"][:10]:
         lines.append(f"would quarantine {q['split']}/{q['path']}: {q['reason']}")
     return "\n".join(lines)
