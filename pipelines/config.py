@@ -64,6 +64,8 @@ class DataSection:
     crop: int = opt(224, "training crop size (random crops of the stored images)")
     pca_alphastd: float = opt(0.1, "std of the PCA colour augmentation's alpha (0 turns it off)")
     loader_workers: int = opt(1, "DataLoader processes per training worker (decode + crop)")
+    cache_dir: str = opt("", "copy the shards to this node-local directory first (once per "
+                         "node, sha256-checked), for clusters without shared storage")
     decode_on_gpu: bool = opt(False, "decode training JPEGs on the GPU (nvJPEG via "
                               "torchvision.io.decode_jpeg); needs --gpu and JPEG shards")
 

@@ -354,7 +354,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                            f"has {device} (run with --gpu on GPU nodes, or drop the flag)")
     torch.manual_seed(cfg.run.seed)  # same init on every rank (DDP also broadcasts it)
 
-    manifest = read_manifest(cfg.data.data)
+    data_dir = cfg.data.data
+    if cfg.data.cache_dir:  # shards not on shared storage: one verified local copy per node
+        from pipelines.shard_cache import localize
+
+        data_dir, _ = localize(cfg.data.data, cfg.data.cache_dir,
+                               (cfg.data.train_split, cfg.data.val_split))
+    manifest = read_manifest(data_dir)
     num_classes = len(manifest["classes"])
     s = manifest["stats"]
     stats = {k: torch.tensor(s[k], dtype=torch.float32, device=device)
@@ -387,12 +393,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # picked up again.
         rank_zero(MetricLogger.log, logger, start_epoch, {"restored_at_epoch": start_epoch})
 
-    train_loader = make_loader(split_readers(cfg.data.data, manifest, cfg.data.train_split),
+    train_loader = make_loader(split_readers(data_dir, manifest, cfg.data.train_split),
                                cfg.data.crop, "train", cfg.optim.batch_size, rank, world,
                                cfg.run.seed, cfg.data.loader_workers, on_gpu,
                                gpu_decode=cfg.data.decode_on_gpu)
     # Validation always decodes on the CPU: it is 4% of ImageNet and needs the ten crops.
-    val_loader = make_loader(split_readers(cfg.data.data, manifest, cfg.data.val_split),
+    val_loader = make_loader(split_readers(data_dir, manifest, cfg.data.val_split),
                              cfg.data.crop, "ten" if cfg.run.ten_crop else "center",
                              cfg.optim.batch_size, rank, world, cfg.run.seed,
                              cfg.data.loader_workers, on_gpu) if has_val else None

@@ -30,7 +30,11 @@ def test_preprocess_train_register_infer(ray_local, tiny_source, tmp_path, mlflo
     data = tmp_path / "shards"
     run_preprocess(C.PreprocessConfig(source=str(tiny_source), out=str(data), resize=40))
 
-    summary = run_train(_train_cfg(str(data), str(tmp_path / "ckpt")))
+    cfg = _train_cfg(str(data), str(tmp_path / "ckpt"))
+    cfg.data.cache_dir = str(tmp_path / "node-cache")  # as on a cluster without shared storage
+    summary = run_train(cfg)
+    cached = sorted(p.name for p in (tmp_path / "node-cache").glob("*/train/*.lmdb"))
+    assert cached == ["shard-00000.lmdb"]  # the workers trained from the node-local copy
     client = MlflowClient(mlflow_uri)
     run = client.get_run(summary["run_id"])
     # The whole resolved config is in the params, the dataset digest in the tags.
