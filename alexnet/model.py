@@ -100,7 +100,18 @@ def _classifier(in_features: int, hidden: int, num_classes: int, dropout: float)
     )
 
 
-class AlexNetPaper(nn.Module):
+class _FeaturesPoolClassifier(nn.Module):
+    """The forward pass every variant shares: features -> avgpool -> flatten -> classifier
+    (torchvision's module names, so state dicts stay interchangeable)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+
+class AlexNetPaper(_FeaturesPoolClassifier):
     """AlexNet as in the 2012 paper. Input ``[N, 3, 224, 224]``, output ``[N, num_classes]``.
 
     Parameters (``num_classes=1000``): 60,965,224 with ``groups=2`` (conv2, conv4 and conv5
@@ -150,14 +161,8 @@ class AlexNetPaper(nn.Module):
         self.classifier = _classifier(256 * 6 * 6, 4096, num_classes, dropout)
         _apply_init(self, init)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.classifier(x)
 
-
-class AlexNet(nn.Module):
+class AlexNet(_FeaturesPoolClassifier):
     """torchvision's AlexNet ("one weird trick" layout). Input ``[N, 3, 224, 224]``.
 
     61,100,840 parameters for 1000 classes: 64-192-384-256-256 filters, no LRN, no groups.
@@ -194,14 +199,8 @@ class AlexNet(nn.Module):
         self.classifier = _classifier(256 * 6 * 6, 4096, num_classes, dropout)
         _apply_init(self, init)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.classifier(x)
 
-
-class CifarAlexNet(nn.Module):
+class CifarAlexNet(_FeaturesPoolClassifier):
     """AlexNet scaled to 32x32 inputs (CIFAR-10/100). Input ``[N, 3, 32, 32]``.
 
     5,871,434 parameters for 10 classes (5,963,684 for 100).
@@ -240,12 +239,6 @@ class CifarAlexNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((3, 3))
         self.classifier = _classifier(256 * 3 * 3, 1024, num_classes, dropout)
         _apply_init(self, init)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.classifier(x)
 
 
 def alexnet_paper(num_classes: int = 1000, groups: int = 2, **kwargs: Any) -> AlexNetPaper:
