@@ -47,7 +47,8 @@ class PreprocessConfig:
     shard_size: float = opt(256.0, "target shard size in MB (ignored when --shards is set)")
     shards: int = opt(0, "number of shards per split (0: derive from --shard-size)")
     seed: int = opt(0, "seed of the record order across shards (training reads shards in order)")
-    batch_size: int = opt(32, "images per Ray Data decode batch")
+    batch_size: int = opt(1024, "images per Ray Data block: one decode task, one staging file "
+                          "per shard it touches (fewer when the input is small)")
     reduced_decode: bool = opt(True, "decode large JPEGs at 1/2, 1/4 or 1/8 size in the DCT "
                                "domain when the shorter side stays >= --resize (faster)")
     overwrite: bool = opt(False, "replace an existing OUT made with other parameters")

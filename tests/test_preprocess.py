@@ -333,3 +333,39 @@ def test_refuses_a_source_that_changed_under_an_existing_out(ray_local, tiny_sou
         run_preprocess(cfg)
     cfg.overwrite = True
     assert run_preprocess(cfg)["splits"]["train"]["records"] == 41
+
+
+def test_staged_pieces_count_each_position_once_and_damaged_ones_are_redone(tiny_source,
+                                                                          tmp_path):
+    """The staging layer on its own (no Ray): a block staged twice (a task that outlived a
+    killed run) adds nothing twice, a damaged piece or a killed task's temporary file is
+    dropped, and the committed shard and its moments equal those of a clean staging."""
+    from pipelines.preprocess import assign_shards, finalize_shard, stage_batch, staged_positions
+    from pipelines.sources import list_source
+
+    items = list_source(tiny_source).splits["train"]
+    table = assign_shards(items, 1, seed=0, split="train")
+    cols = {k: table[k].to_numpy(False) for k in table.column_names}
+    kw = {"source": str(tiny_source), "resize": 32, "center_crop": True, "encoding": "jpeg",
+          "quality": 90}
+
+    def stage(out: Path, rows: slice) -> None:
+        stage_batch({k: v[rows] for k, v in cols.items()}, str(out), **kw)
+
+    clean, messy = tmp_path / "clean", tmp_path / "messy"
+    stage(clean, slice(0, 40))
+    stage(messy, slice(0, 25))
+    stage(messy, slice(10, 30))  # positions 10-24 a second time
+    folder = messy / "train" / ".staging" / "shard-00000"
+    (folder / "0000000030-0000000039-10.piece").write_bytes(b"AXP1 cut short")
+    (folder / ".0000000030-0000000039-10.piece.123.tmp").write_bytes(b"half")
+    assert finalize_shard(messy, "train", 0, 40) is None  # 30-39 missing: not committed
+    assert staged_positions(messy, "train", 0).tolist() == list(range(30))
+    assert not (folder / "0000000030-0000000039-10.piece").exists()  # damaged: dropped
+    stage(messy, slice(30, 40))
+    a, b = finalize_shard(clean, "train", 0, 40), finalize_shard(messy, "train", 0, 40)
+    assert a["records"] == b["records"] == 40
+    assert (a["sha256"], a["sum"], a["outer"], a["pixels"]) == \
+        (b["sha256"], b["sum"], b["outer"], b["pixels"])
+    assert a["pixels"] == 40 * 32 * 32 and not (messy / "train" / ".staging" / "shard-00000").exists()
+    assert finalize_shard(messy, "train", 0, 40) is None  # already committed: a no-op
