@@ -32,14 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from proctree import run_measured  # noqa: E402 - benchmarks/ is this script's folder
+
 WORK = Path("/tmp/alexnet-bench")
 
 
@@ -148,41 +148,6 @@ def child_pipeline(args) -> dict:
 
 
 # --------------------------------------------------------------------------- measurement
-def _pss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as fh:
-            for line in fh:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _tree(pid: int) -> dict[int, float]:
-    """pid and all its descendants (Ray's raylet, GCS and workers included), from /proc,
-    with the CPU seconds (user + system) each has used so far."""
-    children: dict[int, list[int]] = {}
-    cpu: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry))
-        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-    out, todo = {}, [pid]
-    while todo:
-        p = todo.pop()
-        out[p] = cpu.get(p, 0.0)
-        todo += children.get(p, [])
-    return out
-
-
 def run_child(kind: str, args, **extra) -> dict:
     """Run one measurement in a fresh process; returns its figures plus the peak PSS of its
     process tree (MB) and the CPU seconds the tree used (sampled every 0.2 s, so a process's
@@ -191,32 +156,9 @@ def run_child(kind: str, args, **extra) -> dict:
            "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
     for k, v in extra.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=env, cwd=WORK)
-    peak = 0
-    cpu: dict[int, float] = {}
-    stop = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            tree = _tree(proc.pid)
-            for p, seconds in tree.items():
-                cpu[p] = max(cpu.get(p, 0.0), seconds)
-            peak = max(peak, sum(_pss_kb(p) for p in tree))
-            stop.wait(0.2)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, _ = proc.communicate()
-    stop.set()
-    sampler.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"{kind} child failed ({proc.returncode}): {out[-2000:]}")
-    result = json.loads(out.strip().splitlines()[-1])
-    result["peak_pss_mb"] = round(peak / 1024, 1)
-    result["cpu_s"] = round(sum(cpu.values()), 1)
+    result, tree = run_measured(cmd, env={"RAY_DEDUP_LOGS": "0"}, cwd=WORK)
+    result["peak_pss_mb"] = round(tree.peak_pss_kb / 1024, 1)
+    result["cpu_s"] = round(tree.cpu_s(), 1)
     result["cpu_ms_per_image"] = round(1e3 * result["cpu_s"] / result["images"], 1)
     return result
 

@@ -42,12 +42,13 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from proctree import run_measured  # noqa: E402 - benchmarks/ is this script's folder
+
 WORK = Path("/tmp/alexnet-bench-ingest")
 CROP, BATCH = 224, 128
 
@@ -221,27 +222,6 @@ CHILDREN = {"imagefolder": child_imagefolder, "shards": child_shards, "ray_data"
 
 
 # --------------------------------------------------------------------------- parent
-def _pss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as fh:
-            for line in fh:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _tree(pid: int) -> list[int]:
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        return [pid] + [c.pid for c in proc.children(recursive=True)]
-    except psutil.Error:
-        return []
-
-
 def run_child(kind: str, data: Path, seconds: float, uint8: bool = False) -> dict:
     return run_child_cmd([sys.executable, __file__, "--child", kind, "--data", str(data),
                           "--seconds", str(seconds)] + (["--uint8"] if uint8 else []))
@@ -250,26 +230,8 @@ def run_child(kind: str, data: Path, seconds: float, uint8: bool = False) -> dic
 def run_child_cmd(cmd: list[str], env: dict | None = None) -> dict:
     """Run one measurement in a fresh process; its last stdout line is a JSON object, to
     which the peak PSS (MB) of its process tree is added."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
-                            cwd=WORK)
-    peak, stop = 0, threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not stop.is_set():
-            peak = max(peak, sum(_pss_kb(p) for p in _tree(proc.pid)))
-            stop.wait(0.2)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, _ = proc.communicate()
-    stop.set()
-    sampler.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"{cmd[2:4]} failed ({proc.returncode}): {out[-2000:]}")
-    result = json.loads(out.strip().splitlines()[-1])
-    result["peak_pss_mb"] = round(peak / 1024, 1)
+    result, tree = run_measured(cmd, env=env, cwd=WORK)
+    result["peak_pss_mb"] = round(tree.peak_pss_kb / 1024, 1)
     return result
 
 

@@ -2,7 +2,7 @@
 same work with the same libraries.
 
     .venv/bin/python benchmarks/preprocess.py                       # 5,000 images
-    .venv/bin/python benchmarks/preprocess.py --images 5000 20000   # memory at two sizes
+    .venv/bin/python benchmarks/preprocess.py --images 5000 20000   # and memory at two sizes
 
 All in one run, so the ratios compare like with like:
 
@@ -14,16 +14,22 @@ All in one run, so the ratios compare like with like:
    JPEG encode (q90) -> exact pixel moments -> pack_record -> LMDB put (one txn per 256),
    timing each stage (this is where the time goes).
    (b) the same loop in os.cpu_count() processes (fork), each on its share, its own LMDB.
-   (c) `python workflow.py preprocess` as a subprocess, on a fresh local Ray. images/s over
-   its pipeline time (manifest timing.pipeline_s: decode tasks + sink + shard commits; Ray's
-   own start is printed apart, it is paid once per job) and over its whole wall time.
-   Peak memory of (c): the proportional set size (PSS: shared pages such as the object store
-   count once) summed over the driver and every process it started, sampled every 0.2 s,
-   and the driver's own peak RSS; shown for each --images size (flat = does not grow).
-   CPU per image of (b) and (c) (all their processes, from /proc and rusage): on a shared
-   machine wall-clock ratios swing with other people's load, CPU per image does not, and
-   (b)/(c) of it is exactly what Ray costs. (c)'s CPU is also split by process kind
-   (workers, driver, Ray's own actors and daemons): where the overhead goes.
+   (c) `python workflow.py preprocess` as a subprocess, twice over:
+       - "fresh": on a local Ray it starts itself (what one command on a laptop costs);
+       - "running": as a job on a Ray started beforehand with `ray start --head` (what a job
+         on a cluster costs: the cluster is started once, not per job).
+   (b) and (c) alternate --repeat times per size, since a shared machine's load drifts within
+   minutes; the best run of each is compared (as timeit does), the medians are printed too.
+   images/s of (c) over its whole wall time and over its pipeline (manifest timing.pipeline_s:
+   decode tasks + shard commits, after Ray's start, listing and planning); with two sizes,
+   the marginal rate (images beyond the smaller run / extra seconds), which is the rate at
+   ImageNet scale, where start-up is paid once for a million images.
+   Peak memory of the fresh (c): the proportional set size (PSS: shared pages such as the
+   object store count once) summed over the driver and every process it started, sampled
+   every 0.2 s (benchmarks/proctree.py), and the driver's own peak RSS; shown per size (flat
+   = does not grow). CPU per image of (b) and (c) (all their processes): on a shared machine
+   wall-clock ratios swing with other people's load, CPU per image much less, and (b)/(c) of
+   it is what Ray costs; (c)'s CPU is also split by process kind.
 3. Reduced-size DCT decoding: the loop on 300 large JPEGs (1024-1600 px) with and without it.
 4. Bytes per record of each --encoding on the ImageNet sample (../shared/data/imagenet-sample).
 
@@ -32,8 +38,7 @@ All in one run, so the ratios compare like with like:
 times `list_source` on a million empty files in 1000 wnid folders (directory reads only,
 no stat per file, one process), and its peak memory.
 
-The machine may be shared: the script prints the load average before and after; compare
-ratios from one run, and rerun when the load is high.
+The script prints the load average before and after; rerun when the load is high.
 """
 
 from __future__ import annotations
@@ -43,15 +48,16 @@ import json
 import os
 import resource
 import shutil
-import subprocess
+import statistics
 import sys
-import threading
 import time
 from multiprocessing import get_context
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from proctree import run_measured  # noqa: E402 - benchmarks/ is this script's folder
+
 WORK = Path("/tmp/alexnet-bench-preprocess")
 STAGES = ("read", "decode", "resize", "encode", "moments", "write")
 
@@ -164,145 +170,81 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def run_loops(src: Path, items: list, tmp: Path) -> dict:
+def run_single(src: Path, items: list, tmp: Path) -> dict:
+    """(a): the loop in this process; CPU per stage and per image."""
     tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "single.lmdb").unlink(missing_ok=True)
     cpu = time.process_time()
     a = loop(items, str(src), str(tmp / "single.lmdb"))
-    a_cpu = time.process_time() - cpu
+    return {"stages": a, "images_per_s": len(items) / a["total"],
+            "cpu_ms_per_image": 1e3 * (time.process_time() - cpu) / len(items)}
+
+
+def run_multi(src: Path, items: list, tmp: Path) -> dict:
+    """(b): the loop in os.cpu_count() forked processes, each on its share, its own LMDB."""
+    tmp.mkdir(parents=True, exist_ok=True)
     procs = os.cpu_count() or 1
     shares = [items[i::procs] for i in range(procs)]
+    for k in range(procs):
+        (tmp / f"multi-{k}.lmdb").unlink(missing_ok=True)
     cpu = _children_cpu()
     started = time.perf_counter()
     with get_context("fork").Pool(procs) as pool:
         pool.map(_loop_job, [(s, str(src), str(tmp / f"multi-{k}.lmdb"))
                              for k, s in enumerate(shares)])
-    b_wall = time.perf_counter() - started
-    b_cpu = _children_cpu() - cpu  # the pool's processes, reaped on exit
-    return {"a": a, "a_images_per_s": len(items) / a["total"],
-            "a_cpu_ms_per_image": 1e3 * a_cpu / len(items), "b_wall_s": b_wall,
-            "b_processes": procs, "b_images_per_s": len(items) / b_wall,
-            "b_cpu_ms_per_image": 1e3 * b_cpu / len(items)}
+    wall = time.perf_counter() - started
+    return {"processes": procs, "wall_s": wall, "images_per_s": len(items) / wall,
+            "cpu_ms_per_image": 1e3 * (_children_cpu() - cpu) / len(items)}  # reaped on exit
 
 
 # --------------------------------------------------------------------------- (c)
-def _tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
-
-
-def _pss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def _cpu_s(pid: int) -> tuple[str, float]:
-    """(process title, user + system CPU seconds) from /proc."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        fields = stat.rsplit(")", 1)[1].split()
-        title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-        return title, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return "", 0.0
-
-
-def _kind(pid: int, title: str, driver: int) -> str:
-    """Which part of the job a process is: the driver, Ray's workers, or Ray's own services."""
-    if pid == driver:
-        return "driver"
-    if title.startswith("ray::"):  # ray::IDLE, ray::_StatsActor.register_dataset, ...
-        name = title[5:].split("(")[0].split(".")[0].split(":")[-1].strip()
-        return "Ray workers (decode + sink tasks)" if name in ("IDLE", "MapBatches", "Write") \
-            else f"Ray {name}"
-    words = title.split()
-    script = next((w for w in words[1:] if w.endswith(".py")), words[0] if words else "?")
-    return f"Ray {os.path.basename(script)}"
-
-
-def _rss_kb(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def run_workflow(src: Path, out: Path, batch_size: int) -> dict:
+def run_workflow(src: Path, out: Path, batch_size: int, address: str | None = None) -> dict:
+    """`workflow.py preprocess` as a subprocess: on a fresh local Ray of its own (address
+    None), or as a job on the running Ray at `address` (a cluster's Ray is started once, not
+    per job; its processes are not the job's, so memory is reported for the first kind)."""
     shutil.rmtree(out, ignore_errors=True)
     ray_tmp = Path(f"/tmp/rb{os.getpid()}")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
-    env.pop("RAY_ADDRESS", None)
+    env = {"RAY_TMPDIR": str(ray_tmp)}
+    if address:
+        env.update(RAY_ADDRESS=address, RAY_AUTH_MODE="token")
     cmd = [sys.executable, "workflow.py", "preprocess", "--source", str(src), "--out",
            str(out), "--batch-size", str(batch_size)]
-    peak = {"pss_kb": 0, "driver_rss_kb": 0}
-    cpu: dict[int, tuple[str, float]] = {}  # (kind, last CPU seconds seen) per process
-    pss_peak: dict[str, int] = {}  # peak PSS (KiB) per kind of process
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            pids = _tree(proc.pid)
-            pss = {p: _pss_kb(p) for p in pids}
-            peak["pss_kb"] = max(peak["pss_kb"], sum(pss.values()))
-            now: dict[str, int] = {}
-            for p, kb in pss.items():
-                kind = cpu[p][0] if p in cpu else "?"
-                now[kind] = now.get(kind, 0) + kb
-            for kind, kb in now.items():
-                pss_peak[kind] = max(pss_peak.get(kind, 0), kb)
-            peak["driver_rss_kb"] = max(peak["driver_rss_kb"], _rss_kb(proc.pid))
-            for p in pids:
-                title, seconds = _cpu_s(p)
-                if seconds:  # an exiting process has no title left: keep the kind it had
-                    kind = _kind(p, title, proc.pid) if title.strip() else cpu.get(p, ("?",))[0]
-                    cpu[p] = (kind, seconds)
-            stop.wait(0.2)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    text, _ = proc.communicate()
+    try:
+        text, tree = run_measured(cmd, env={**env, **({} if address else {"RAY_ADDRESS": ""})},
+                                  cwd=REPO, json_result=False)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     wall = time.perf_counter() - started
-    stop.set()
-    sampler.join()
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"workflow.py preprocess failed:\n{text[-3000:]}")
     manifest = json.loads((out / "manifest.json").read_text())
     n = manifest["splits"]["train"]["records"] + manifest["splits"]["train"]["quarantined"]
     timing = manifest["timing"]
-    by_kind: dict[str, float] = {}
-    for kind, seconds in cpu.values():
-        by_kind[kind] = by_kind.get(kind, 0.0) + seconds
     return {"images": n, "wall_s": wall, "timing": timing,
-            "cpu_ms_per_image": 1e3 * sum(by_kind.values()) / n,
-            "cpu_s_by_process": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
-            "peak_pss_mb_by_process": {k: round(v / 1024) for k, v in
-                                       sorted(pss_peak.items(), key=lambda kv: -kv[1])},
+            "cpu_ms_per_image": 1e3 * tree.cpu_s() / n, "cpu_s_by_process": tree.cpu_s_by_kind(),
+            "peak_pss_mb_by_process": tree.peak_pss_mb_by_kind(),
             "images_per_s": n / timing["pipeline_s"], "images_per_s_wall": n / wall,
-            "peak_pss_mb": peak["pss_kb"] / 1024, "peak_driver_rss_mb":
-                peak["driver_rss_kb"] / 1024, "summary": text.strip().splitlines()[-4:]}
+            "peak_pss_mb": tree.peak_pss_kb / 1024,
+            "peak_driver_rss_mb": tree.peak_root_rss_kb / 1024,
+            "summary": text.strip().splitlines()[-4:]}
+
+
+class RunningRay:
+    """A local Ray started once (`ray start --head`, as on a cluster) for the warm runs;
+    stopped by its own processes, never `ray stop` (which would stop everyone's)."""
+
+    def __enter__(self) -> str:
+        from cluster.local import free_port, start_head
+
+        self.state = Path(f"/tmp/rbh{os.getpid()}")
+        self.node = start_head(self.state, port=free_port(), dashboard_port=free_port(),
+                               num_cpus=os.cpu_count())
+        return self.node["gcs_address"]
+
+    def __exit__(self, *exc) -> None:
+        from cluster.local import stop_node
+
+        stop_node(self.node)
+        shutil.rmtree(self.state, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- extras
@@ -368,11 +310,76 @@ def listing_scale(n: int) -> dict:
             "cpu_s": time.process_time() - cpu, "peak_rss_mb": rss}
 
 
+def _best(runs: list[dict], key: str) -> dict:
+    return max(runs, key=lambda r: r[key])
+
+
+def _describe_c(c: dict) -> str:
+    t = c["timing"]
+    return (f"{c['images_per_s']:.1f} images/s over the pipeline ({t['pipeline_s']} s), "
+            f"{c['images_per_s_wall']:.1f} over the wall ({c['wall_s']:.1f} s, of which Ray "
+            f"start {t['ray_start_s']} s, listing {t['listing_s']} s, plan {t['plan_s']} s); "
+            f"CPU {c['cpu_ms_per_image']:.2f} ms per image")
+
+
+def compare(srcs: dict[int, Path], tmp: Path, batch_size: int, repeat: int,
+            address: str | None) -> dict:
+    """(b) and (c) alternated `repeat` times per size (the load of a shared machine drifts
+    within minutes); the best run of each is compared, as timeit does."""
+    mode = "as a job on a running Ray" if address else "on a fresh local Ray of its own"
+    results = {}
+    for n, src in srcs.items():
+        items = list_files(src)
+        bs, cs = [], []
+        for _ in range(repeat):
+            bs.append(run_multi(src, items, tmp / "loops"))
+            cs.append(run_workflow(src, tmp / f"shards-{n}", batch_size, address))
+            print(f"  {n} images: (b) {bs[-1]['images_per_s']:.1f} images/s; (c) "
+                  f"{cs[-1]['images_per_s']:.1f} over the pipeline, "
+                  f"{cs[-1]['images_per_s_wall']:.1f} over the wall", flush=True)
+        b, c = _best(bs, "images_per_s"), _best(cs, "images_per_s_wall")
+        print(f"(b) the loop in {b['processes']} processes, {n} images: "
+              f"{b['images_per_s']:.1f} images/s (best of {repeat}; median "
+              f"{statistics.median(r['images_per_s'] for r in bs):.1f}); CPU "
+              f"{b['cpu_ms_per_image']:.2f} ms per image", flush=True)
+        print(f"(c) workflow.py preprocess {mode}, {n} images: {_describe_c(c)}",
+              flush=True)
+        if not address:
+            print(f"    peak PSS {c['peak_pss_mb']:.0f} MB (all processes), driver RSS "
+                  f"{c['peak_driver_rss_mb']:.0f} MB; by process kind: " + ", ".join(
+                      f"{k} {v}" for k, v in c["peak_pss_mb_by_process"].items()), flush=True)
+        print("    CPU seconds by process: " + ", ".join(
+            f"{k} {v:.1f}" for k, v in c["cpu_s_by_process"].items()), flush=True)
+        ratio = {"pipeline": max(r["images_per_s"] for r in cs) / b["images_per_s"],
+                 "wall": c["images_per_s_wall"] / b["images_per_s"],
+                 "cpu": b["cpu_ms_per_image"] / c["cpu_ms_per_image"]}
+        print(f"ratio (c)/(b), {n} images, {mode}: {ratio['wall']:.2f} over the wall, "
+              f"{ratio['pipeline']:.2f} over the pipeline (goal >= 0.85); CPU efficiency "
+              f"(b)/(c) {ratio['cpu']:.2f}", flush=True)
+        results[n] = {"b": b, "c": {k: v for k, v in c.items() if k != "summary"},
+                      "b_runs": [r["images_per_s"] for r in bs],
+                      "c_runs_wall": [r["images_per_s_wall"] for r in cs],
+                      "c_runs_pipeline": [r["images_per_s"] for r in cs], "ratio": ratio}
+    if len(srcs) > 1:  # what each image beyond the smallest run costs: the rate at scale
+        (n0, r0), (n1, r1) = sorted(results.items())[0], sorted(results.items())[-1]
+        marginal = (n1 - n0) / (r1["c"]["wall_s"] - r0["c"]["wall_s"])
+        b_rate = statistics.mean([r0["b"]["images_per_s"], r1["b"]["images_per_s"]])
+        print(f"marginal rate of (c) {mode}, images {n0} -> {n1}: {marginal:.1f} images/s = "
+              f"{marginal / b_rate:.2f} of (b)", flush=True)
+        results["marginal"] = {"images_per_s": marginal, "ratio": marginal / b_rate}
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, nargs="+", default=[5000],
-                    help="dataset sizes; the loops run on the first, (c) on each")
-    ap.add_argument("--batch-size", type=int, default=32, help="preprocess --batch-size")
+                    help="dataset sizes; (a) runs on the first, (b) and (c) on each")
+    ap.add_argument("--batch-size", type=int, default=1024, help="preprocess --batch-size")
+    ap.add_argument("--repeat", type=int, default=2,
+                    help="(b) and (c) alternated this many times per size; best of each")
+    ap.add_argument("--modes", nargs="+", default=["fresh", "running"],
+                    choices=["fresh", "running"],
+                    help="(c) on a fresh local Ray of its own, and/or on a running Ray")
     ap.add_argument("--listing", type=int, default=0, metavar="N",
                     help="only time listing N paths (empty files in 1000 folders), e.g. 1000000")
     args = ap.parse_args()
@@ -385,36 +392,21 @@ def main() -> None:
     srcs = {n: generate(n) for n in args.images}
     n0 = args.images[0]
     items = list_files(srcs[n0])
-    loops = run_loops(srcs[n0], items, tmp / "loops")
-    a = loops["a"]
-    print(f"(a) single-process loop: {loops['a_images_per_s']:.1f} images/s; CPU per image: "
-          + ", ".join(f"{k} {1e3 * a[k] / len(items):.2f} ms "
-                      f"({100 * a[k] / sum(a[s] for s in STAGES):.0f}%)" for k in STAGES),
+    a = run_single(srcs[n0], items, tmp / "loops")
+    st = a["stages"]
+    print(f"(a) single-process loop, {n0} images: {a['images_per_s']:.1f} images/s; CPU "
+          f"{a['cpu_ms_per_image']:.2f} ms per image: " + ", ".join(
+              f"{k} {1e3 * st[k] / len(items):.2f} ms "
+              f"({100 * st[k] / sum(st[s] for s in STAGES):.0f}%)" for k in STAGES),
           flush=True)
-    print(f"    CPU {loops['a_cpu_ms_per_image']:.2f} ms per image", flush=True)
-    print(f"(b) the loop in {loops['b_processes']} processes: {loops['b_images_per_s']:.1f} "
-          f"images/s; CPU {loops['b_cpu_ms_per_image']:.2f} ms per image", flush=True)
-    results = {}
-    for n in args.images:
-        c = run_workflow(srcs[n], tmp / f"shards-{n}", args.batch_size)
-        results[n] = c
-        print(f"(c) workflow.py preprocess, {n} images: {c['images_per_s']:.1f} images/s over "
-              f"the pipeline ({c['timing']['pipeline_s']} s), {c['images_per_s_wall']:.1f} over "
-              f"the wall ({c['wall_s']:.1f} s, of which Ray start {c['timing']['ray_start_s']} s,"
-              f" listing {c['timing']['listing_s']} s, plan {c['timing']['plan_s']} s); peak "
-              f"PSS {c['peak_pss_mb']:.0f} MB (all processes), driver RSS "
-              f"{c['peak_driver_rss_mb']:.0f} MB", flush=True)
-        print(f"    CPU {c['cpu_ms_per_image']:.2f} ms per image, all processes; seconds: "
-              + ", ".join(f"{k} {v:.1f}" for k, v in c["cpu_s_by_process"].items()), flush=True)
-        print("    peak PSS MB by process kind: " + ", ".join(
-            f"{k} {v}" for k, v in c["peak_pss_mb_by_process"].items()), flush=True)
-    c0 = results[n0]
-    print(f"ratio (c)/(b): {c0['images_per_s'] / loops['b_images_per_s']:.2f} over the "
-          f"pipeline, {c0['images_per_s_wall'] / loops['b_images_per_s']:.2f} over the wall "
-          "(goal >= 0.85)", flush=True)
-    print(f"CPU efficiency (b)/(c): {loops['b_cpu_ms_per_image'] / c0['cpu_ms_per_image']:.2f} "
-          "(CPU per image of the loop / of the pipeline: what Ray costs, whatever the load)",
-          flush=True)
+    report = {"a": {"images_per_s": a["images_per_s"],
+                    "cpu_ms_per_image": a["cpu_ms_per_image"],
+                    "stages_ms": {k: 1e3 * st[k] / len(items) for k in STAGES}}}
+    if "fresh" in args.modes:
+        report["fresh"] = compare(srcs, tmp, args.batch_size, args.repeat, None)
+    if "running" in args.modes:
+        with RunningRay() as address:
+            report["running"] = compare(srcs, tmp, args.batch_size, args.repeat, address)
     red = reduced_decode_effect(tmp)
     print(f"reduced DCT decoding on {red['images']} JPEGs of 1024-1600 px: CPU per image "
           f"{red['cpu_ms_with']:.1f} ms with, {red['cpu_ms_without']:.1f} ms without (decode "
@@ -425,11 +417,8 @@ def main() -> None:
         print(f"bytes per 256x256 record on the ImageNet sample ({enc['images']} images): "
               f"jpeg q90 {enc['jpeg']:.0f}, raw {enc['raw']:.0f}")
     print(f"load average after {os.getloadavg()}")
-    print(json.dumps({"loops": {k: v for k, v in loops.items() if k != "a"},
-                      "stages_ms": {k: 1e3 * a[k] / len(items) for k in STAGES},
-                      "workflow": {n: {k: v for k, v in c.items() if k != "summary"}
-                                   for n, c in results.items()},
-                      "reduced_decode": red, "bytes_per_record": enc}, default=float))
+    report.update(reduced_decode=red, bytes_per_record=enc)
+    print(json.dumps(report, default=float))
     shutil.rmtree(tmp, ignore_errors=True)
 
 

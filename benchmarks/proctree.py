@@ -1,0 +1,155 @@
+"""What a command and every process it starts (Ray's GCS, raylet, workers, actors) use: peak
+memory and CPU seconds, read from /proc while it runs. Shared by the benchmarks; not run on
+its own (Linux only, like /proc).
+
+Memory is the proportional set size (PSS): pages shared between processes, such as Ray's
+object store or the libraries every worker maps, count once in the sum instead of once per
+process, so the total is what the job really holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree(root: int) -> list[int]:
+    """root and all its live descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def _status_kb(pid: int, path: str, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/{path}") as fh:
+            for line in fh:
+                if line.startswith(field):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def pss_kb(pid: int) -> int:
+    return _status_kb(pid, "smaps_rollup", "Pss:")
+
+
+def rss_kb(pid: int) -> int:
+    return _status_kb(pid, "status", "VmRSS:")
+
+
+def cpu_s(pid: int) -> tuple[str, float]:
+    """(process title, user + system CPU seconds so far); ("", 0.0) once it has gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        return title, (int(fields[11]) + int(fields[12])) / TICK
+    except (OSError, IndexError, ValueError):
+        return "", 0.0
+
+
+def ray_kind(pid: int, title: str, root: int) -> str:
+    """Which part of a Ray job a process is: the driver (root), Ray's workers (by the task or
+    actor they run), or one of Ray's services (by its script)."""
+    if pid == root:
+        return "driver"
+    if title.startswith("ray::"):  # ray::IDLE, ray::MapBatches(stage_batch), ray::_StatsActor
+        name = title[5:].split("(")[0].split(".")[0].split(":")[-1].strip()
+        return "Ray workers (tasks)" if name in ("IDLE", "MapBatches", "Write", "ReadFiles") \
+            else f"Ray {name}"
+    words = title.split()
+    script = next((w for w in words[1:] if w.endswith(".py")), words[0] if words else "?")
+    return f"Ray {os.path.basename(script)}"
+
+
+class TreeSampler:
+    """Samples a process tree every `interval` s in a thread, until stopped: peak PSS of the
+    whole tree and per kind of process, the root's peak RSS, and each process's last CPU
+    seconds (a process's last fraction of an interval before it exits can be missed)."""
+
+    def __init__(self, root: int, kind: Callable[[int, str, int], str] = ray_kind,
+                 interval: float = 0.2):
+        self.root, self.kind, self.interval = root, kind, interval
+        self.peak_pss_kb = 0
+        self.peak_root_rss_kb = 0
+        self.peak_pss_kb_by_kind: dict[str, int] = {}
+        self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> TreeSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            pids = tree(self.root)
+            pss = {p: pss_kb(p) for p in pids}
+            self.peak_pss_kb = max(self.peak_pss_kb, sum(pss.values()))
+            self.peak_root_rss_kb = max(self.peak_root_rss_kb, rss_kb(self.root))
+            now: dict[str, int] = {}
+            for p in pids:
+                title, seconds = cpu_s(p)
+                if seconds:  # an exiting process has no title left: keep the kind it had
+                    kind = self.kind(p, title, self.root) if title.strip() else \
+                        self.cpu.get(p, ("?",))[0]
+                    self.cpu[p] = (kind, seconds)
+                kind = self.cpu.get(p, ("?",))[0]
+                now[kind] = now.get(kind, 0) + pss[p]
+            for kind, kb in now.items():
+                self.peak_pss_kb_by_kind[kind] = max(self.peak_pss_kb_by_kind.get(kind, 0), kb)
+            self._stop.wait(self.interval)
+
+    def cpu_s(self) -> float:
+        return sum(s for _, s in self.cpu.values())
+
+    def cpu_s_by_kind(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for kind, seconds in self.cpu.values():
+            out[kind] = round(out.get(kind, 0.0) + seconds, 2)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+    def peak_pss_mb_by_kind(self) -> dict[str, int]:
+        return {k: round(v / 1024) for k, v in sorted(self.peak_pss_kb_by_kind.items(),
+                                                       key=lambda kv: -kv[1])}
+
+
+def run_measured(cmd: list[str], env: dict | None = None, cwd: str | Path | None = None,
+                 json_result: bool = True) -> tuple[dict | str, TreeSampler]:
+    """Run cmd in its own session, sampled; returns its last stdout line parsed as JSON (or
+    its whole stdout when json_result is False) and the sampler. SystemExit with the tail of
+    its output when it fails."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
+                            cwd=cwd, start_new_session=True)
+    with TreeSampler(proc.pid) as sampler:
+        out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd[:4]))} failed ({proc.returncode}):\n"
+                         f"{(out + err)[-3000:]}")
+    if not json_result:
+        return out, sampler
+    return json.loads(out.strip().splitlines()[-1]), sampler
