@@ -49,7 +49,7 @@ from pipelines.predict import (
     topk,
 )
 from pipelines.runtime import init_ray
-from pipelines.sources import IMAGE_EXTENSIONS
+from pipelines.sources import IMAGE_EXTENSIONS, SourceError, read_images_list
 
 __all__ = ["InferError", "ModelRef", "SCHEMA", "list_inputs", "resolve_model", "run_batch_infer"]
 
@@ -117,25 +117,20 @@ def _table(paths: list[str], labels: list[int], kind: str = "file",
 
 
 def _list_images_file(path: Path, classes: list[dict]) -> pa.Table:
-    """The images-list layout of `preprocess`: `class_id image_path` a line (here class_id
-    may also be a wnid of the model); a line of one token is an unlabelled path; blank lines
-    and `#` comments are skipped; relative paths are relative to the list file's folder.
-    A line whose class is not in the model's class index becomes an error row."""
+    """The images-list layout of `preprocess` (parsed by `sources.read_images_list`):
+    `class_id image_path` a line (here class_id may also be a wnid of the model, or -1 for
+    no label); a line of one token is an unlabelled path; blank lines and `#` comments are
+    skipped; relative paths are relative to the list file's folder. A line whose class is
+    not in the model's class index becomes an error row."""
     paths, labels, errors = [], [], []
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InferError(f"cannot read images list {path}: {exc}") from None
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split(None, 1)
-        if len(parts) == 1:
-            (label, error), image = (-1, ""), parts[0]
-        else:
-            (label, error), image = _label_of(parts[0], classes, f"{path.name}:{n}"), parts[1]
-        paths.append(_resolve(path.parent, image.strip()))
+        lines = read_images_list(path)
+    except SourceError as exc:  # unreadable or not UTF-8; the message names the list
+        raise InferError(str(exc)) from None
+    for n, _, token, image in lines:
+        label, error = (-1, "") if token is None else _label_of(token, classes,
+                                                                 f"{path.name}:{n}")
+        paths.append(_resolve(path.parent, image))
         labels.append(label)
         errors.append(error)
     if not paths:

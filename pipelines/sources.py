@@ -33,8 +33,10 @@ import csv
 import os
 import pickletools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -236,18 +238,49 @@ def _looks_like_list(path: Path) -> bool:
     return good > 0 and good * 2 >= len(lines)  # bad lines are quarantined, not fatal
 
 
-def _read_list(path: Path, split: str, listing: Listing, rel_base: Path) -> list[tuple[str, int]]:
-    items = []
+class ListLine(NamedTuple):
+    """One entry of an images list, as written: what it means is the reader's policy."""
+    number: int         # 1-based line number in the file, for messages ("train.txt:7")
+    text: str           # the whole line, stripped
+    label: str | None   # the first token; None on a line of one token
+    image: str          # the rest of the line (spaces inside a path kept), not resolved
+
+
+def read_images_list(path: Path) -> Iterator[ListLine]:
+    """The entries of an images list: `class_id image_path` a line, split at the first run
+    of whitespace; blank lines and `#` comments skipped; LF, CRLF or CR line endings.
+
+    The one parser of the format, shared by `preprocess` (`_read_list`: integer class ids
+    required, other lines quarantined) and `batch-infer` (`infer._list_images_file`: a wnid
+    or no label accepted too). Paths are left as written because the two resolve them
+    differently: preprocess relative to the listing root, inference against the list's
+    folder with URLs kept. The file is read now (SourceError naming it when unreadable or
+    not UTF-8); entries are made as they are iterated, never collected into a list of
+    their own, so a million-line list costs its text and the caller's result only."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SourceError(f"cannot read images list {path}: {exc}") from None
+    return _list_lines(text)
+
+
+def _list_lines(text: str) -> Iterator[ListLine]:
     for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        cls, image = (line.split(None, 1) + [""])[:2]
-        image = image.strip()
+        parts = line.split(None, 1)
+        if len(parts) == 1:
+            yield ListLine(n, line, None, line)
+        else:
+            yield ListLine(n, line, parts[0], parts[1])
+
+
+def _read_list(path: Path, split: str, listing: Listing, rel_base: Path) -> list[tuple[str, int]]:
+    items = []
+    for n, line, cls, image in read_images_list(path):
+        if cls is None:  # one token: preprocess needs both, so it is read as a bare class id
+            cls, image = image, ""
         where = f"{path.name}:{n}"
         try:
             label = int(cls)

@@ -24,7 +24,7 @@ import torch
 from conftest import REPO
 
 from pipelines import config as C
-from pipelines.infer import SCHEMA, InferError, run_batch_infer
+from pipelines.infer import SCHEMA, InferError, list_inputs, run_batch_infer
 from pipelines.model_package import predict_proba, preprocess_image, save_bundle
 from pipelines.predict import predict_files, resolve_model
 
@@ -296,6 +296,29 @@ def test_shards_input_labels_and_paths_from_records(ray_local, world, tmp_path):
     row = table.to_pylist()[0]
     assert row["path"].startswith("val/") and row["shard"].endswith(".lmdb")
     assert row["record"] is not None and row["label"] == world.labels[Path(row["path"]).stem]
+
+
+def test_images_list_input_forms_are_listed_without_ray(tmp_path):
+    """What batch-infer takes from an images list, beyond preprocess's `class_id path`:
+    a wnid or -1 label, a path-only line (relative too), CRLF endings, blank lines."""
+    classes = [{"index": i, "wnid": f"n0000000{i}", "name": str(i)} for i in range(CLASSES)]
+    (tmp_path / "lists").mkdir()
+    lst = tmp_path / "lists" / "val.txt"
+    lst.write_bytes(b"# class_id image_path\r\n\r\n2 ../imgs/a.jpg\r\n"
+                    b"n00000001\timgs/b c.jpg\r\n-1 /abs/c.jpg\r\nd.jpg\r\n9 e.jpg\r\n")
+    table, kind = list_inputs(str(lst), "val", classes)
+    assert kind == {"kind": "images-list"}
+    base = tmp_path / "lists"
+    assert table.select(["path", "label", "error"]).to_pylist() == [
+        {"path": str(base / "../imgs/a.jpg"), "label": 2, "error": ""},
+        {"path": str(base / "imgs/b c.jpg"), "label": 1, "error": ""},
+        {"path": "/abs/c.jpg", "label": -1, "error": ""},
+        {"path": str(base / "d.jpg"), "label": -1, "error": ""},
+        {"path": str(base / "e.jpg"), "label": -1,
+         "error": "val.txt:7: class 9 is outside the model's class index (0..3)"}]
+    lst.write_bytes(b"0 \xff.jpg\n")
+    with pytest.raises(InferError, match=f"cannot read images list {lst}: 'utf-8' codec"):
+        list_inputs(str(lst), "val", classes)
 
 
 def test_bad_inputs_are_clear_errors(world, tmp_path):

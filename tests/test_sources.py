@@ -19,7 +19,14 @@ import pytest
 from pipelines import shards as sh
 from pipelines.config import PreprocessConfig
 from pipelines.preprocess import run_preprocess
-from pipelines.sources import SourceError, detect_layout, list_source, read_pickle_safely
+from pipelines.sources import (
+    ListLine,
+    SourceError,
+    detect_layout,
+    list_source,
+    read_images_list,
+    read_pickle_safely,
+)
 
 
 def _jpeg(value: int = 120, size: tuple[int, int] = (40, 50)) -> bytes:
@@ -278,6 +285,31 @@ def test_images_list_relative_absolute_and_bad_lines(tmp_path):
     (src / "val.txt").write_text("0 imgs/a.jpg\n")
     listing = list_source(src)
     assert listing.layout == "images-list" and set(listing.splits) == {"train", "val"}
+
+
+def test_images_list_parser_crlf_blank_lines_comments_and_one_token_lines(tmp_path):
+    """The one parser both preprocess and batch-infer use: what it yields per line, and
+    preprocess's policy on top of it (integer class id and a path, else quarantined)."""
+    lst = tmp_path / "train.txt"
+    lst.write_bytes(b"# header\r\n\r\n  # indented comment\r\n0 a.jpg\r\n   \r\n"
+                    b"1\tsub dir/b c.jpg  \r\nn01440764 c.jpg\r\nonly.jpg\r\n2\r\n")
+    assert list(read_images_list(lst)) == [
+        ListLine(4, "0 a.jpg", "0", "a.jpg"),
+        ListLine(6, "1\tsub dir/b c.jpg", "1", "sub dir/b c.jpg"),
+        ListLine(7, "n01440764 c.jpg", "n01440764", "c.jpg"),
+        ListLine(8, "only.jpg", None, "only.jpg"),
+        ListLine(9, "2", None, "2")]
+    listing = list_source(lst, "images-list")  # auto: too many bad lines to detect a list
+    assert listing.splits["train"] == [("a.jpg", 0), ("sub dir/b c.jpg", 1)]  # no "\r"
+    reasons = {q["path"]: q["reason"] for q in listing.quarantine}
+    assert reasons == {"train.txt:7": "expected 'class_id image_path', got 'n01440764 c.jpg'",
+                       "train.txt:8": "expected 'class_id image_path', got 'only.jpg'",
+                       "train.txt:9": "line has a class id but no image path"}
+    lst.write_bytes(b"0 \xff.jpg\n")  # not UTF-8: an error naming the list, no traceback
+    with pytest.raises(SourceError, match=f"cannot read images list {lst}: 'utf-8' codec"):
+        read_images_list(lst)
+    with pytest.raises(SourceError, match="cannot read images list .*missing.txt"):
+        read_images_list(tmp_path / "missing.txt")
 
 
 def test_unknown_layout_names_what_was_looked_for(tmp_path):
