@@ -318,8 +318,7 @@ def _describe_c(c: dict) -> str:
     t = c["timing"]
     return (f"{c['images_per_s']:.1f} images/s over the pipeline ({t['pipeline_s']} s), "
             f"{c['images_per_s_wall']:.1f} over the wall ({c['wall_s']:.1f} s, of which Ray "
-            f"start {t['ray_start_s']} s, listing {t['listing_s']} s, plan {t['plan_s']} s); "
-            f"CPU {c['cpu_ms_per_image']:.2f} ms per image")
+            f"start {t['ray_start_s']} s, listing {t['listing_s']} s, plan {t['plan_s']} s)")
 
 
 def compare(srcs: dict[int, Path], tmp: Path, batch_size: int, repeat: int,
@@ -345,17 +344,19 @@ def compare(srcs: dict[int, Path], tmp: Path, batch_size: int, repeat: int,
         print(f"(c) workflow.py preprocess {mode}, {n} images: {_describe_c(c)}",
               flush=True)
         if not address:
-            print(f"    peak PSS {c['peak_pss_mb']:.0f} MB (all processes), driver RSS "
+            print(f"    CPU {c['cpu_ms_per_image']:.2f} ms per image, all processes; peak PSS {c['peak_pss_mb']:.0f} MB (all processes), driver RSS "
                   f"{c['peak_driver_rss_mb']:.0f} MB; by process kind: " + ", ".join(
                       f"{k} {v}" for k, v in c["peak_pss_mb_by_process"].items()), flush=True)
-        print("    CPU seconds by process: " + ", ".join(
-            f"{k} {v:.1f}" for k, v in c["cpu_s_by_process"].items()), flush=True)
         ratio = {"pipeline": max(r["images_per_s"] for r in cs) / b["images_per_s"],
-                 "wall": c["images_per_s_wall"] / b["images_per_s"],
-                 "cpu": b["cpu_ms_per_image"] / c["cpu_ms_per_image"]}
+                 "wall": c["images_per_s_wall"] / b["images_per_s"]}
+        if not address:  # on a running Ray the workers are not the command's children
+            print("    CPU seconds by process: " + ", ".join(
+                f"{k} {v:.1f}" for k, v in c["cpu_s_by_process"].items()), flush=True)
+            ratio["cpu"] = b["cpu_ms_per_image"] / c["cpu_ms_per_image"]
         print(f"ratio (c)/(b), {n} images, {mode}: {ratio['wall']:.2f} over the wall, "
-              f"{ratio['pipeline']:.2f} over the pipeline (goal >= 0.85); CPU efficiency "
-              f"(b)/(c) {ratio['cpu']:.2f}", flush=True)
+              f"{ratio['pipeline']:.2f} over the pipeline (goal >= 0.85)" + (
+                  f"; CPU efficiency (b)/(c) {ratio['cpu']:.2f}" if "cpu" in ratio else ""),
+              flush=True)
         results[n] = {"b": b, "c": {k: v for k, v in c.items() if k != "summary"},
                       "b_runs": [r["images_per_s"] for r in bs],
                       "c_runs_wall": [r["images_per_s_wall"] for r in cs],

@@ -74,8 +74,9 @@ def ray_kind(pid: int, title: str, root: int) -> str:
         return "driver"
     if title.startswith("ray::"):  # ray::IDLE, ray::MapBatches(stage_batch), ray::_StatsActor
         name = title[5:].split("(")[0].split(".")[0].split(":")[-1].strip()
-        return "Ray workers (tasks)" if name in ("IDLE", "MapBatches", "Write", "ReadFiles") \
-            else f"Ray {name}"
+        # Ray's and Ray Data's own actors and agents apart; a worker's title changes with
+        # each task or actor it runs (IDLE, MapBatches, MapWorker, finalize_shard, ...).
+        return f"Ray {name}" if name.endswith(("Actor", "Agent")) else "Ray workers"
     words = title.split()
     script = next((w for w in words[1:] if w.endswith(".py")), words[0] if words else "?")
     return f"Ray {os.path.basename(script)}"
