@@ -602,9 +602,11 @@ def run_batch_infer(cfg: InferConfig) -> dict:
         versions = [r.version for r in refs]
         model_version = " + ".join(v or "" for v in versions) if any(versions) else None
 
+        # from_blocks: block metadata computed here; from_arrow runs one remote task per block
+        # for it (32 tasks and ~2 s before the first decode for 2,000 images on 2 CPUs).
         block = cfg.batch_size
-        ds = ray.data.from_arrow([inputs.slice(o, block)
-                                  for o in range(0, inputs.num_rows, block)])
+        ds = ray.data.from_blocks([inputs.slice(o, block)
+                                   for o in range(0, inputs.num_rows, block)])
         # Decoding stays in tasks, apart from the model actors: Ray Data fuses the two
         # (decode inside the actors) when their resource requests match, and then decoding
         # could not use CPUs beyond the actors'. The decode tasks' memory request (a real
