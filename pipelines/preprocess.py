@@ -7,11 +7,12 @@
 Stages (one streaming Ray Data pipeline per run, all splits together):
   listing (driver, no stat per file, pipelines/sources.py) -> shuffled with --seed and cut
   into near-equal shards -> map_batches(read -> decode -> rescale -> encode + exact pixel
-  moments), parallel tasks on every node -> LmdbShardSink: rows are staged per shard,
-  idempotently (a record's key is its position), and a shard whose records are all staged
-  is written out as a finished, atomic file with a JSON sidecar (its commit record).
-Then the driver reads the sidecars and writes quarantine.jsonl and, last and atomically,
-manifest.json: its presence means the data is complete.
+  moments -> stage), parallel tasks on every node, each writing its rows of each shard as
+  one atomic "piece" file (named by its positions, so a retried task adds nothing twice) ->
+  the driver marks the positions the tasks report and commits every shard whose positions
+  are all staged, in a task of its own: a finished, atomic LMDB file, then its JSON sidecar
+  (the commit record). Then the driver reads the sidecars and writes quarantine.jsonl and,
+  last and atomically, manifest.json: its presence means the data is complete.
 
 Every rejected image lands in quarantine.jsonl with a reason; no single file fails the job.
 Problems with the whole input or output (no images, unreadable source, unwritable OUT, disk
