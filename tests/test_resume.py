@@ -157,7 +157,7 @@ def test_a_dying_ray_worker_loses_nothing(source, tmp_path):
         def kill_a_worker() -> bool:
             for pid in _marked_pids(run.mark):
                 title = _cmdline(pid)
-                if "ray::MapBatches" in title or "ray::Write" in title:
+                if "ray::MapBatches" in title:  # a decode + staging task
                     os.kill(pid, signal.SIGKILL)
                     killed.append(title)
                     return True
