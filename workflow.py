@@ -86,7 +86,8 @@ def cmd_batch_infer(args: argparse.Namespace) -> int:
     if "top1_accuracy" in result:
         line += (f"; top-1 accuracy {result['top1_accuracy']:.3f}, top-5 "
                  f"{result['top5_accuracy']:.3f} on {result['labelled']} labelled images")
-    print(line + f"; {result['seconds']} s, {result['images_per_s']} images/s)")
+    print(line + f"; {result['seconds']} s, {result['images_per_s']} images/s with "
+          f"{result['actors']} model actor(s) x {result['cpus_per_actor']} CPU(s))")
     for e in result["error_examples"]:
         print(f"  error: {e['path']}: {e['error']}")
     if "mlflow_run_id" in result:

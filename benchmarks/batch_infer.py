@@ -1,6 +1,6 @@
 """Batch inference throughput and memory: `batch-infer` end to end against a bare PyTorch loop.
 
-    .venv/bin/python benchmarks/batch_infer.py                  # 2000 images, 2 threads
+    .venv/bin/python benchmarks/batch_infer.py                  # 2000 images, threads = cores
     .venv/bin/python benchmarks/batch_infer.py --images 8000 --threads 8 --batch-size 64
 
 All in one run, so the ratios compare like with like:
@@ -14,8 +14,9 @@ All in one run, so the ratios compare like with like:
    one Parquet file. Timed from cold (importing torch and loading the model count, as they
    do in the pipeline's actors); also timed after the model load, and per stage.
 3. The pipeline: `run_batch_infer` (listing, Ray Data decode tasks, the actor pool, Parquet
-   streamed through the driver) on a fresh local Ray, for actor layouts whose model threads
-   add up to THREADS, then one actor of one thread (for the scaling with actors). Ray's own
+   streamed through the driver) on the fresh local Ray it starts itself, exactly as
+   `workflow.py batch-infer` does: first its automatic layout (no flags), then one actor of
+   THREADS threads, then one actor of one thread (for the scaling with actors). Ray's own
    start is timed apart: a cluster is started once, not per job.
 4. The load of a shared machine drifts within minutes, so a baseline runs before and after
    every pipeline run and each ratio is against the mean of the two around it. CPU seconds
@@ -130,21 +131,19 @@ def child_pipeline(args) -> dict:
     from pipelines.config import InferConfig
     from pipelines.infer import run_batch_infer
 
-    t0 = time.perf_counter()
-    ray.init(address="local", num_cpus=args.ray_cpus, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    t1 = time.perf_counter()
     cfg = InferConfig(model=[args.bundle], input=args.list, output=str(WORK / "pipe.parquet"),
                       batch_size=args.batch_size, actors=args.actors,
                       cpus_per_actor=args.cpus_per_actor)
-    result = run_batch_infer(cfg)
-    t2 = time.perf_counter()
+    t0 = time.perf_counter()
+    result = run_batch_infer(cfg)  # starts the same local Ray as `workflow.py batch-infer`
+    seconds = time.perf_counter() - t0 - result["ray_start_s"]
     ray.shutdown()
-    return {"images": result["images"], "errors": result["errors"], "seconds": t2 - t1,
-            "ray_start_s": t1 - t0, "images_per_s": result["images"] / (t2 - t1),
-            "first_rows_s": result.get("first_rows_s", 0.0),
-            "steady_images_per_s": result.get("steady_images_per_s", 0.0)}
+    return {"images": result["images"], "errors": result["errors"], "seconds": seconds,
+            "ray_start_s": result["ray_start_s"], "images_per_s": result["images"] / seconds,
+            "first_rows_s": result.get("first_rows_s", 0.0) - result["ray_start_s"],
+            "steady_images_per_s": result.get("steady_images_per_s", 0.0),
+            "actors": result["actors"], "cpus_per_actor": result["cpus_per_actor"]}
 
 
 # --------------------------------------------------------------------------- measurement
@@ -166,14 +165,15 @@ def run_child(kind: str, args, **extra) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--images", type=int, default=2000, help="images for the throughput runs")
-    p.add_argument("--threads", type=int, default=2, help="model threads in total")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="model threads of the bare loop (default: the cores, as the pipeline's "
+                   "automatic layout uses)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--child", choices=("baseline", "pipeline"), help=argparse.SUPPRESS)
     p.add_argument("--bundle", help=argparse.SUPPRESS)
     p.add_argument("--list", help=argparse.SUPPRESS)
-    p.add_argument("--actors", type=int, default=1, help=argparse.SUPPRESS)
-    p.add_argument("--cpus-per-actor", type=int, default=1, help=argparse.SUPPRESS)
-    p.add_argument("--ray-cpus", type=int, default=3, help=argparse.SUPPRESS)
+    p.add_argument("--actors", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--cpus-per-actor", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         fn = child_baseline if args.child == "baseline" else child_pipeline
@@ -188,24 +188,26 @@ def main() -> None:
           f"{os.cpu_count()} cores, load average {load:.1f} at start", flush=True)
 
     t = args.threads
-    # Layouts whose model threads add up to THREADS, then one actor of one thread (with the
-    # t x 1 layout it shows how the pool scales with actors); one more Ray CPU for decoding.
-    layouts = [(1, t), (t, 1), (1, 1)] if t > 1 else [(1, 1)]
+    # The automatic layout `batch-infer` picks on this machine (no flags), then one actor with
+    # all THREADS, then one actor of one thread (with the automatic t x 1 layout it shows how
+    # the pool scales with actors). Every run starts the local Ray `batch-infer` starts itself
+    # (one logical CPU more than the cores, for the decode tasks); its start is timed apart.
+    layouts = [(0, 0), (1, t), (1, 1)] if t > 1 else [(0, 0), (1, 1)]
     # On a shared machine the load drifts within minutes: a baseline runs before and after
     # every pipeline run, and each ratio is against the mean of the two around it.
     bases = [run_child("baseline", args, list=full)]
     _say_base(bases[-1])
     rows = []
     for actors, cpus in layouts:
-        r = run_child("pipeline", args, list=full, actors=actors, cpus_per_actor=cpus,
-                      ray_cpus=actors * cpus + 1)
+        r = run_child("pipeline", args, list=full, actors=actors, cpus_per_actor=cpus)
         bases.append(run_child("baseline", args, list=full))
         _say_base(bases[-1])
         ref = (bases[-2]["images_per_s"] + bases[-1]["images_per_s"]) / 2
         ref_cpu = (bases[-2]["cpu_ms_per_image"] + bases[-1]["cpu_ms_per_image"]) / 2
         ref_steady = (bases[-2]["steady_images_per_s"] + bases[-1]["steady_images_per_s"]) / 2
-        r.update(layout=f"{actors} actor(s) x {cpus} thread(s)", baseline_images_per_s=ref,
-                 ratio=r["images_per_s"] / ref,
+        layout = f"{r['actors']} actor(s) x {r['cpus_per_actor']} thread(s)"
+        r.update(layout=layout + (" (automatic)" if not actors else ""),
+                 baseline_images_per_s=ref, ratio=r["images_per_s"] / ref,
                  steady_ratio=r["steady_images_per_s"] / ref_steady,
                  cpu_ratio=r["cpu_ms_per_image"] / ref_cpu)
         rows.append(r)
@@ -216,17 +218,17 @@ def main() -> None:
               f"after {r['first_rows_s']:.1f} s; Ray start {r['ray_start_s']:.1f} s apart); "
               f"CPU {r['cpu_ms_per_image']:.0f} ms/image = {r['cpu_ratio']:.2f}x the "
               f"baseline's", flush=True)
-    small = run_child("pipeline", args, list=quarter, actors=layouts[0][0],
-                      cpus_per_actor=layouts[0][1], ray_cpus=layouts[0][0] * layouts[0][1] + 1)
+    small = run_child("pipeline", args, list=quarter)
     big = rows[0]
     growth = big["peak_pss_mb"] / small["peak_pss_mb"]
-    print(f"peak memory (PSS, driver + Ray): {small['peak_pss_mb']:.0f} MB on "
-          f"{small['images']} images, {big['peak_pss_mb']:.0f} MB on {big['images']} "
+    print(f"peak memory (PSS, driver + Ray), automatic layout: {small['peak_pss_mb']:.0f} MB "
+          f"on {small['images']} images, {big['peak_pss_mb']:.0f} MB on {big['images']} "
           f"images: x{growth:.2f} for 4x the input (baseline process "
           f"{bases[0]['peak_pss_mb']:.0f} MB)")
-    if t > 1:
-        one, many = rows[2], rows[1]
-        print(f"scaling with actors of 1 thread: 1 -> {t} actors "
+    one = next((r for r in rows if (r["actors"], r["cpus_per_actor"]) == (1, 1)), None)
+    many = next((r for r in rows if r["actors"] > 1 and r["cpus_per_actor"] == 1), None)
+    if one and many:
+        print(f"scaling with actors of 1 thread: 1 -> {many['actors']} actors "
               f"x{many['steady_images_per_s'] / one['steady_images_per_s']:.2f} once rows flow, "
               f"x{many['images_per_s'] / one['images_per_s']:.2f} end to end, on "
               f"{os.cpu_count()} cores")

@@ -153,9 +153,13 @@ class InferConfig:
     overwrite: bool = opt(False, "replace a non-empty --output directory")
     ten_crop: bool = opt(False, "average the softmax over the paper's ten crops (10x compute)")
     batch_size: int = opt(64, "images per decode batch and per model call")
-    actors: int = opt(1, "model actors in the Ray Data actor pool (its minimum with --max-actors)")
+    actors: int = opt(0, "model actors in the Ray Data actor pool (its minimum with "
+                      "--max-actors); 0: one a core, at most 4, on the local Ray batch-infer "
+                      "starts itself (one a GPU with --gpu), 1 on a cluster")
     max_actors: int = opt(0, "autoscale the pool from --actors up to this many (0: fixed size)")
-    cpus_per_actor: int = opt(1, "CPUs reserved by each actor = its torch threads")
+    cpus_per_actor: int = opt(0, "CPUs reserved by each actor = its torch threads; 0: the "
+                              "cores shared out among the actors on the local Ray batch-infer "
+                              "starts itself (1 with --gpu), 1 on a cluster")
     gpu: bool = opt(False, "one GPU per actor")
     amp: bool = opt(True, "bf16 (or fp16) autocast on GPU; ignored on CPU")
     log_to_mlflow: bool = opt(False, "log an evaluation run linked to the model version")

@@ -613,12 +613,7 @@ def _run_pipeline(pending: pa.Table, root: str, out: Path, cfg: PreprocessConfig
     import ray
 
     t = time.time()
-    local = {} if os.environ.get("RAY_ADDRESS") else {
-        # A Ray started just for this job: no dashboard and no metrics export. Measured on 5,000
-        # images (benchmarks/preprocess.py): together 22% of the job's CPU on a 2-core
-        # machine, for pages nobody opens; Ray Data's progress bars show the progress.
-        "include_dashboard": False, "_system_config": {"enable_metrics_collection": False}}
-    init_ray(log_to_driver=False, configure_logging=False, **local)
+    init_ray(lean=True, log_to_driver=False, configure_logging=False)
     _check_shared(out)
     warm_data_workers(["pipelines.preprocess"])
     timing["ray_start_s"] = time.time() - t

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -595,3 +597,46 @@ def test_batch_infer_flags_repeat_model_for_an_ensemble():
     assert (cfg.ten_crop, cfg.actors, cfg.max_actors, cfg.format) == (True, 2, 3, "csv")
     default = C.load(C.InferConfig, workflow.build_parser().parse_args(["batch-infer"]))
     assert default.model == ["models:/alexnet@champion"]
+
+
+def test_automatic_actor_layout():
+    """0 = automatic: sized to this machine only on the local Ray batch-infer started itself
+    (it knows nothing of a cluster's nodes); flags always win; --max-actors caps it."""
+    from pipelines.infer import MAX_AUTO_ACTORS, actor_layout, local_ray_cpus
+
+    cores = os.cpu_count() or 1
+    auto = C.InferConfig()
+    local = actor_layout(auto, local=True, gpus=0)
+    assert local.actors == min(MAX_AUTO_ACTORS, cores)
+    assert local.cpus_per_actor == max(1, cores // local.actors)
+    assert local.actors * local.cpus_per_actor <= cores < local_ray_cpus()  # + decode CPU
+    cluster = actor_layout(auto, local=False, gpus=8)
+    assert (cluster.actors, cluster.cpus_per_actor) == (1, 1)
+    gpu = actor_layout(C.InferConfig(gpu=True), local=True, gpus=2)
+    assert (gpu.actors, gpu.cpus_per_actor) == (2, 1)
+    given = actor_layout(C.InferConfig(actors=3, cpus_per_actor=2), local=True, gpus=0)
+    assert (given.actors, given.cpus_per_actor) == (3, 2)
+    assert actor_layout(C.InferConfig(max_actors=1), local=True, gpus=0).actors == 1
+    assert (auto.actors, auto.cpus_per_actor) == (0, 0)  # replaced, not changed in place
+
+
+@pytest.mark.slow
+def test_batch_infer_on_its_own_local_ray_uses_every_core(world, tmp_path):
+    """`workflow.py batch-infer` with no RAY_ADDRESS starts its own Ray (cores + 1 logical
+    CPUs: one decode task beside the model threads) and fills it with the automatic layout."""
+    from pipelines.infer import MAX_AUTO_ACTORS
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    ray_tmp = tempfile.mkdtemp(prefix="ri")  # short: Ray's socket paths have a limit
+    env.update(PYTHONPATH=str(REPO), RAY_TMPDIR=ray_tmp)
+    out = tmp_path / "p.parquet"
+    proc = subprocess.run([sys.executable, str(REPO / "workflow.py"), "batch-infer",
+                           "--model", str(world.a.bundle), "--input", str(world.src / "val"),
+                           "--output", str(out), "--batch-size", "8"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cores = os.cpu_count() or 1
+    actors = min(MAX_AUTO_ACTORS, cores)
+    assert f"with {actors} model actor(s) x {max(1, cores // actors)} CPU(s))" in proc.stdout
+    assert pq.read_table(out).num_rows == CLASSES * 5  # the sample's val images
