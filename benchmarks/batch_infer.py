@@ -23,7 +23,9 @@ All in one run, so the ratios compare like with like:
    of the whole process tree per image are reported too: they move less with the load.
 5. Memory: the pipeline on N/4 and on N images; the peak proportional set size (PSS, so
    shared pages such as the object store count once) summed over the driver and every Ray
-   process it started, sampled every 0.2 s. Flat means peak(N) / peak(N/4) near 1.
+   process it started, sampled every 0.2 s, in runs of their own (reading PSS that often
+   costs the run being timed 13 % of a 2-core machine; timed runs read CPU times only).
+   Flat means peak(N) / peak(N/4) near 1.
 
 Each measurement runs in a fresh child process. Prints one line per run and a JSON line.
 """
@@ -120,7 +122,10 @@ def child_baseline(args) -> dict:
     writer.close()
     ended = time.perf_counter()
     n = len(files)
-    return {"images": n, "seconds": ended - started, "images_per_s": n / (ended - started),
+    import resource
+
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "images": n, "seconds": ended - started, "images_per_s": n / (ended - started),
             "start_s": ready - started, "steady_images_per_s": n / (ended - ready),
             "decode_ms": 1e3 * t_decode / n, "model_ms": 1e3 * t_model / n}
 
@@ -147,16 +152,19 @@ def child_pipeline(args) -> dict:
 
 
 # --------------------------------------------------------------------------- measurement
-def run_child(kind: str, args, **extra) -> dict:
-    """Run one measurement in a fresh process; returns its figures plus the peak PSS of its
-    process tree (MB) and the CPU seconds the tree used (sampled every 0.2 s, so a process's
-    last fraction of a second can be missed)."""
+def run_child(kind: str, args, memory: bool = False, **extra) -> dict:
+    """Run one measurement in a fresh process; returns its figures plus the CPU seconds its
+    process tree used (sampled every 0.5 s, so a process's last fraction of a second can be
+    missed) and, for a `memory` run, the tree's peak PSS (MB). PSS is read only in memory
+    runs: reading it every 0.2 s cost 9.7 CPU-s of a 38 s pipeline run (13 % of this 2-core
+    machine; the bare loop, one process, pays far less), which would bias the speed ratio."""
     cmd = [sys.executable, __file__, "--child", kind, "--bundle", str(args.bundle),
            "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
     for k, v in extra.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
-    result, tree = run_measured(cmd, env={"RAY_DEDUP_LOGS": "0"}, cwd=WORK)
-    result["peak_pss_mb"] = round(tree.peak_pss_kb / 1024, 1)
+    result, tree = run_measured(cmd, env={"RAY_DEDUP_LOGS": "0"}, cwd=WORK, memory=memory)
+    if memory:
+        result["peak_pss_mb"] = round(tree.peak_pss_kb / 1024, 1)
     result["cpu_s"] = round(tree.cpu_s(), 1)
     result["cpu_ms_per_image"] = round(1e3 * result["cpu_s"] / result["images"], 1)
     return result
@@ -218,13 +226,13 @@ def main() -> None:
               f"after {r['first_rows_s']:.1f} s; Ray start {r['ray_start_s']:.1f} s apart); "
               f"CPU {r['cpu_ms_per_image']:.0f} ms/image = {r['cpu_ratio']:.2f}x the "
               f"baseline's", flush=True)
-    small = run_child("pipeline", args, list=quarter)
-    big = rows[0]
+    small = run_child("pipeline", args, memory=True, list=quarter)
+    big = run_child("pipeline", args, memory=True, list=full)
     growth = big["peak_pss_mb"] / small["peak_pss_mb"]
-    print(f"peak memory (PSS, driver + Ray), automatic layout: {small['peak_pss_mb']:.0f} MB "
-          f"on {small['images']} images, {big['peak_pss_mb']:.0f} MB on {big['images']} "
-          f"images: x{growth:.2f} for 4x the input (baseline process "
-          f"{bases[0]['peak_pss_mb']:.0f} MB)")
+    print(f"peak memory (PSS, driver + Ray), automatic layout, in runs of their own: "
+          f"{small['peak_pss_mb']:.0f} MB on {small['images']} images, "
+          f"{big['peak_pss_mb']:.0f} MB on {big['images']} images: x{growth:.2f} for 4x the "
+          f"input (baseline process: peak RSS {bases[0]['peak_rss_mb']:.0f} MB)")
     one = next((r for r in rows if (r["actors"], r["cpus_per_actor"]) == (1, 1)), None)
     many = next((r for r in rows if r["actors"] > 1 and r["cpus_per_actor"] == 1), None)
     if one and many:
@@ -239,6 +247,7 @@ def main() -> None:
           f"decode+rescale+crop ~{base['decode_ms']:.1f} ms/image "
           f"(~{1e3 / base['decode_ms']:.0f} images/s per decode CPU)")
     print(json.dumps({"baselines": bases, "pipeline": rows, "memory_quarter": small,
+                      "memory_full": big,
                       "memory_growth_4x": round(growth, 3), "load_average_start": load,
                       "load_average_end": os.getloadavg()[0]}))
 

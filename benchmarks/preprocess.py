@@ -27,7 +27,9 @@ All in one run, so the ratios compare like with like:
    Peak memory of the fresh (c): the proportional set size (PSS: shared pages such as the
    object store count once) summed over the driver and every process it started, sampled
    every 0.2 s (benchmarks/proctree.py), and the driver's own peak RSS; shown per size (flat
-   = does not grow). CPU per image of (b) and (c) (all their processes): on a shared machine
+   = does not grow). Reading PSS that often costs CPU (13 % of this 2-core machine for a
+   Ray job's ~15 processes), so it is measured in one more run of (c) per size, not in the
+   timed ones, which read only CPU times (cheap) every 0.5 s. CPU per image of (b) and (c) (all their processes): on a shared machine
    wall-clock ratios swing with other people's load, CPU per image much less, and (b)/(c) of
    it is what Ray costs; (c)'s CPU is also split by process kind.
 3. Reduced-size DCT decoding: the loop on 300 large JPEGs (1024-1600 px) with and without it.
@@ -198,10 +200,13 @@ def run_multi(src: Path, items: list, tmp: Path) -> dict:
 
 
 # --------------------------------------------------------------------------- (c)
-def run_workflow(src: Path, out: Path, batch_size: int, address: str | None = None) -> dict:
+def run_workflow(src: Path, out: Path, batch_size: int, address: str | None = None,
+                 memory: bool = False) -> dict:
     """`workflow.py preprocess` as a subprocess: on a fresh local Ray of its own (address
     None), or as a job on the running Ray at `address` (a cluster's Ray is started once, not
-    per job; its processes are not the job's, so memory is reported for the first kind)."""
+    per job; its processes are not the job's, so memory is reported for the first kind).
+    `memory`: sample PSS too; that costs the run CPU (proctree.TreeSampler), so speed runs
+    read CPU times only and memory is measured in runs of its own."""
     shutil.rmtree(out, ignore_errors=True)
     ray_tmp = Path(f"/tmp/rb{os.getpid()}")  # short: Ray's socket paths have a length limit
     env = {"RAY_TMPDIR": str(ray_tmp)}
@@ -212,7 +217,7 @@ def run_workflow(src: Path, out: Path, batch_size: int, address: str | None = No
     started = time.perf_counter()
     try:
         text, tree = run_measured(cmd, env={**env, **({} if address else {"RAY_ADDRESS": ""})},
-                                  cwd=REPO, json_result=False)
+                                  cwd=REPO, json_result=False, memory=memory)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     wall = time.perf_counter() - started
@@ -337,6 +342,10 @@ def compare(srcs: dict[int, Path], tmp: Path, batch_size: int, repeat: int,
                   f"{cs[-1]['images_per_s']:.1f} over the pipeline, "
                   f"{cs[-1]['images_per_s_wall']:.1f} over the wall", flush=True)
         b, c = _best(bs, "images_per_s"), _best(cs, "images_per_s_wall")
+        if not address:  # memory in a run of its own: sampling PSS slows the run it samples
+            m = run_workflow(src, tmp / f"shards-{n}", batch_size, None, memory=True)
+            c.update({k: m[k] for k in ("peak_pss_mb", "peak_pss_mb_by_process",
+                                        "peak_driver_rss_mb")})
         print(f"(b) the loop in {b['processes']} processes, {n} images: "
               f"{b['images_per_s']:.1f} images/s (best of {repeat}; median "
               f"{statistics.median(r['images_per_s'] for r in bs):.1f}); CPU "
@@ -344,7 +353,8 @@ def compare(srcs: dict[int, Path], tmp: Path, batch_size: int, repeat: int,
         print(f"(c) workflow.py preprocess {mode}, {n} images: {_describe_c(c)}",
               flush=True)
         if not address:
-            print(f"    CPU {c['cpu_ms_per_image']:.2f} ms per image, all processes; peak PSS {c['peak_pss_mb']:.0f} MB (all processes), driver RSS "
+            print(f"    CPU {c['cpu_ms_per_image']:.2f} ms per image, all processes; in a "
+                  f"memory run of its own: peak PSS {c['peak_pss_mb']:.0f} MB (all processes), driver RSS "
                   f"{c['peak_driver_rss_mb']:.0f} MB; by process kind: " + ", ".join(
                       f"{k} {v}" for k, v in c["peak_pss_mb_by_process"].items()), flush=True)
         ratio = {"pipeline": max(r["images_per_s"] for r in cs) / b["images_per_s"],
