@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -122,8 +123,6 @@ def child_baseline(args) -> dict:
     writer.close()
     ended = time.perf_counter()
     n = len(files)
-    import resource
-
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "images": n, "seconds": ended - started, "images_per_s": n / (ended - started),
             "start_s": ready - started, "steady_images_per_s": n / (ended - ready),

@@ -30,9 +30,10 @@ All in one run, so the ratios compare like with like:
    every 0.2 s (benchmarks/proctree.py), and the driver's own peak RSS; shown per size (flat
    = does not grow). Reading PSS that often costs CPU (13 % of this 2-core machine for a
    Ray job's ~15 processes), so it is measured in one more run of (c) per size, not in the
-   timed ones, which read only CPU times (cheap) every 0.5 s. CPU per image of (b) and (c) (all their processes): on a shared machine
-   wall-clock ratios swing with other people's load, CPU per image much less, and (b)/(c) of
-   it is what Ray costs; (c)'s CPU is also split by process kind.
+   timed ones, which read only CPU times (cheap) every 0.5 s. CPU per image of (b) and (c)
+   (all their processes): on a shared machine wall-clock ratios swing with other people's
+   load, CPU per image much less, and (b)/(c) of it is what Ray costs; (c)'s CPU is also
+   split by process kind.
 3. Reduced-size DCT decoding: the loop on 300 large JPEGs (1024-1600 px) with and without it.
 4. Bytes per record of each --encoding on the ImageNet sample (../shared/data/imagenet-sample).
 

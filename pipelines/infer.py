@@ -583,10 +583,10 @@ MAX_AUTO_ACTORS = 4
 def local_ray_cpus() -> int:
     """Logical CPUs of the local Ray batch-infer starts itself: the cores plus one. The model
     actors get every core and one decode task at a time runs beside them. Decoding costs a
-    tenth of the model's CPU per image (2.3 against ~22 ms on one thread, measured), so a
-    whole core of its own would leave most of that core idle (2-core machine:
-    1 actor x 1 thread ran at 0.63x the bare loop, 2 actors x 1 thread beside the decode
-    tasks at 0.92x)."""
+    tenth of the model's CPU per image (2.2 against ~20 ms on one thread, measured), so a
+    whole core of its own would leave most of that core idle (2-core machine, end to end
+    against the bare loop: 1 actor x 1 thread 0.60-0.63x, 2 actors x 1 thread beside the
+    decode tasks 0.88-0.92x, median 0.92x of five runs; benchmarks/batch_infer.py)."""
     return (os.cpu_count() or 1) + 1
 
 
