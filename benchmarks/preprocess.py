@@ -251,13 +251,16 @@ def run_workflow(src: Path, out: Path, batch_size: int, address: str | None = No
     manifest = json.loads((out / "manifest.json").read_text())
     n = manifest["splits"]["train"]["records"] + manifest["splits"]["train"]["quarantined"]
     timing = manifest["timing"]
-    return {"images": n, "wall_s": wall, "timing": timing,
-            "cpu_ms_per_image": 1e3 * tree.cpu_s() / n, "cpu_s_by_process": tree.cpu_s_by_kind(),
-            "peak_pss_mb_by_process": tree.peak_pss_mb_by_kind(),
-            "images_per_s": n / timing["pipeline_s"], "images_per_s_wall": n / wall,
-            "peak_pss_mb": tree.peak_pss_kb / 1024,
-            "peak_driver_rss_mb": tree.peak_root_rss_kb / 1024,
-            "summary": text.strip().splitlines()[-4:]}
+    result = {"images": n, "wall_s": wall, "timing": timing,
+              "cpu_ms_per_image": 1e3 * tree.cpu_s() / n,
+              "cpu_s_by_process": tree.cpu_s_by_kind(),
+              "images_per_s": n / timing["pipeline_s"], "images_per_s_wall": n / wall,
+              "summary": text.strip().splitlines()[-4:]}
+    if memory:  # a speed run read no PSS: no zeros that would read as measured memory
+        result.update(peak_pss_mb_by_process=tree.peak_pss_mb_by_kind(),
+                      peak_pss_mb=tree.peak_pss_kb / 1024,
+                      peak_driver_rss_mb=tree.peak_root_rss_kb / 1024)
+    return result
 
 
 class RunningRay:
