@@ -338,8 +338,10 @@ def test_refuses_a_source_that_changed_under_an_existing_out(ray_local, tiny_sou
 def test_staged_pieces_count_each_position_once_and_damaged_ones_are_redone(tiny_source,
                                                                           tmp_path):
     """The staging layer on its own (no Ray): a block staged twice (a task that outlived a
-    killed run) adds nothing twice, a damaged piece or a killed task's temporary file is
-    dropped, and the committed shard and its moments equal those of a clean staging."""
+    killed run) adds nothing twice; a piece cut short, one of the right length with a byte
+    changed (what a machine crash can leave of a file that was never fsynced) and a killed
+    task's temporary file are dropped; the committed shard and its moments equal those of a
+    clean staging."""
     from pipelines.preprocess import assign_shards, finalize_shard, stage_batch, staged_positions
     from pipelines.sources import list_source
 
@@ -357,11 +359,19 @@ def test_staged_pieces_count_each_position_once_and_damaged_ones_are_redone(tiny
     stage(messy, slice(0, 25))
     stage(messy, slice(10, 30))  # positions 10-24 a second time
     folder = messy / "train" / ".staging" / "shard-00000"
-    (folder / "0000000030-0000000039-10.piece").write_bytes(b"AXP1 cut short")
+    stage(tmp_path / "scratch", slice(30, 40))
+    whole = (tmp_path / "scratch" / "train" / ".staging" / "shard-00000" /
+             "0000000030-0000000039-10.piece").read_bytes()
+    flipped = bytearray(whole)
+    flipped[len(whole) // 2] ^= 0x10  # inside an image's bytes
+    (folder / "0000000030-0000000039-10.piece").write_bytes(bytes(flipped))
+    (folder / "0000000030-0000000035-6.piece").write_bytes(whole[:len(whole) // 3])
     (folder / ".0000000030-0000000039-10.piece.123.tmp").write_bytes(b"half")
     assert finalize_shard(messy, "train", 0, 40) is None  # 30-39 missing: not committed
     assert staged_positions(messy, "train", 0).tolist() == list(range(30))
-    assert not (folder / "0000000030-0000000039-10.piece").exists()  # damaged: dropped
+    assert sorted(p.name for p in folder.iterdir()) == [  # damaged ones dropped
+        ".0000000030-0000000039-10.piece.123.tmp", "0000000000-0000000024-25.piece",
+        "0000000010-0000000029-20.piece"]
     stage(messy, slice(30, 40))
     a, b = finalize_shard(clean, "train", 0, 40), finalize_shard(messy, "train", 0, 40)
     assert a["records"] == b["records"] == 40
@@ -369,3 +379,19 @@ def test_staged_pieces_count_each_position_once_and_damaged_ones_are_redone(tiny
         (b["sha256"], b["sum"], b["outer"], b["pixels"])
     assert a["pixels"] == 40 * 32 * 32 and not (messy / "train" / ".staging" / "shard-00000").exists()
     assert finalize_shard(messy, "train", 0, 40) is None  # already committed: a no-op
+
+
+@pytest.mark.parametrize("n,batch_size,cpus", [(100_000, 1024, 2), (5000, 1024, 2), (7, 1024, 2),
+                                               (1, 1024, 4), (1000, 1024, 64)])
+def test_blocks_cover_every_row_once_and_the_last_wave_is_cut_smaller(n, batch_size, cpus):
+    from pipelines.preprocess import MIN_TAIL_ROWS, TAIL_SPLIT, block_bounds
+
+    bounds = block_bounds(n, batch_size, cpus)
+    rows = [b - a for a, b in bounds]
+    assert bounds[0][0] == 0 and bounds[-1][1] == n and min(rows) > 0
+    assert all(x[1] == y[0] for x, y in zip(bounds, bounds[1:]))  # no gap, no overlap
+    assert max(rows) <= batch_size and len(bounds) >= min(n, cpus)
+    if n == 100_000:  # full blocks, then one block's worth a CPU in quarters
+        assert rows[:90] == [1024] * 90 and rows[-TAIL_SPLIT * cpus:] == [256] * 8
+    if n == 1000:  # 4-row blocks: the tail is not cut below MIN_TAIL_ROWS or one block
+        assert set(rows) == {4} and MIN_TAIL_ROWS > 4
