@@ -49,7 +49,7 @@ from pipelines.predict import (
     resolve_models,
     topk,
 )
-from pipelines.runtime import init_ray
+from pipelines.runtime import init_ray, stop_local_ray
 from pipelines.sources import IMAGE_EXTENSIONS, SourceError, read_images_list
 
 __all__ = ["InferError", "ModelRef", "SCHEMA", "list_inputs", "resolve_model", "run_batch_infer"]
@@ -666,8 +666,9 @@ def run_batch_infer(cfg: InferConfig) -> dict:
             arrivals = _write_file(ds, Path(cfg.output), fmt, summary)
         else:
             _write_dir(ds, cfg.output, fmt, cfg.overwrite, summary)
-    ended = time.time()
-    seconds = ended - started
+    ended = time.time()  # the last row: the steady rate below ends here
+    stop_local_ray(local)
+    seconds = time.time() - started
     result = {"output": cfg.output, "output_mode": mode, "format": fmt, **summary.result(),
               "seconds": round(seconds, 2), "images_per_s": round(summary.images / seconds, 2),
               "model": model_uri, "model_version": model_version, "input_kind": source["kind"],

@@ -36,6 +36,16 @@ def init_ray(*, lean: bool = False, local_cpus: int | None = None, **kwargs) -> 
     return True
 
 
+def stop_local_ray(started: bool) -> None:
+    """Stop the local Ray this command started (`started`: what init_ray returned) now, not in
+    Ray's exit hook, which first sleeps 0.5 s so that worker log lines reach the driver; the
+    lean local Ray sends none (log_to_driver=False). A Ray at RAY_ADDRESS is left running."""
+    if started:
+        import ray
+
+        ray.shutdown()
+
+
 def _import(modules: list[str]) -> None:
     import importlib
 
