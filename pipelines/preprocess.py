@@ -619,8 +619,6 @@ def _warn_disk(out: Path, rows: int, plan: dict) -> None:
 
 def _run_pipeline(pending: pa.Table, root: str, out: Path, cfg: PreprocessConfig, plan: dict,
                   timing: dict) -> None:
-    import ray
-
     t = time.time()
     started = init_ray(lean=True, log_to_driver=False, configure_logging=False)
     try:

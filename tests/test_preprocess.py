@@ -389,7 +389,7 @@ def test_blocks_cover_every_row_once_and_the_last_wave_is_cut_smaller(n, batch_s
     bounds = block_bounds(n, batch_size, cpus)
     rows = [b - a for a, b in bounds]
     assert bounds[0][0] == 0 and bounds[-1][1] == n and min(rows) > 0
-    assert all(x[1] == y[0] for x, y in zip(bounds, bounds[1:]))  # no gap, no overlap
+    assert all(x[1] == y[0] for x, y in zip(bounds, bounds[1:], strict=False))  # no gap, no overlap
     assert max(rows) <= batch_size and len(bounds) >= min(n, cpus)
     if n == 100_000:  # full blocks, then one block's worth a CPU in quarters
         assert rows[:90] == [1024] * 90 and rows[-TAIL_SPLIT * cpus:] == [256] * 8
