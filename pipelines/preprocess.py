@@ -182,7 +182,9 @@ def write_piece(out: Path, split: str, shard: int, rows: dict[str, np.ndarray]) 
 def read_piece(path: Path) -> tuple[dict, np.ndarray, int]:
     """(header, moments, offset of the first record) of a piece; ValueError if it is not a
     whole piece (a foreign, cut short or damaged file: its rows are simply staged again).
-    Reads the whole piece to check its CRC: ~10 ms for 1,024 records in the page cache."""
+    Reads the whole piece to check its CRC: ~10 ms for 1,024 records in the page cache. The
+    commit then reads the records a second time, 1,024 at a time, rather than keep a
+    shard's pieces (~270 MB) in memory between the two reads."""
     with open(path, "rb") as fh:
         data = fh.read()
     if len(data) < 12 or data[:4] != PIECE_MAGIC:
