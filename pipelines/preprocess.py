@@ -40,7 +40,7 @@ import pyarrow as pa
 from pipelines import shards as sh
 from pipelines.config import PreprocessConfig, to_dict
 from pipelines.decode import DecodeError, decode_rgb, encode, pixel_moments, rescale
-from pipelines.runtime import init_ray, stop_local_ray, warm_data_workers
+from pipelines.runtime import cluster_cpus, init_ray, stop_local_ray, warm_data_workers
 from pipelines.sources import Listing, list_source
 
 # Bytes per encoded 256x256 record when no sample could be encoded to measure it.
@@ -638,7 +638,7 @@ def _stage_and_commit(pending: pa.Table, root: str, out: Path, cfg: PreprocessCo
 
     t = time.time()
     n = pending.num_rows
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    cpus = cluster_cpus()
     blocks = [pending.slice(a, b - a) for a, b in block_bounds(n, cfg.batch_size, cpus)]
     # from_blocks: metadata computed here, not in one remote task per block as from_arrow
     # does (1.3 s before the first decode on 2 CPUs).

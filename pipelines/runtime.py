@@ -46,6 +46,13 @@ def stop_local_ray(started: bool) -> None:
         ray.shutdown()
 
 
+def cluster_cpus() -> int:
+    """Logical CPUs of the connected Ray cluster, at least 1: how many one-CPU tasks run at once."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
 def _import(modules: list[str]) -> None:
     import importlib
 
@@ -76,6 +83,6 @@ def warm_data_workers(modules: list[str]) -> None:
         get_or_create_autoscaling_coordinator()
     except Exception:  # noqa: BLE001 - an optimisation only
         pass
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    cpus = cluster_cpus()
     task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_import)
     ray.get([task.remote(["ray.data", *modules]) for _ in range(cpus)])
