@@ -54,7 +54,7 @@ def _lrn() -> nn.LocalResponseNorm:
     return nn.LocalResponseNorm(_LRN_SIZE, alpha=_LRN_ALPHA * _LRN_SIZE, beta=_LRN_BETA, k=_LRN_K)
 
 
-def init_paper_(model: nn.Module, std: float = 0.01) -> nn.Module:
+def init_paper_(model: nn.Module, std: float = 0.01, bias: float = 1.0) -> nn.Module:
     """Initialise ``model`` in place as the paper does, and return it.
 
     Every conv and linear weight ~ N(0, ``std``). Biases are 1 in the 2nd, 4th and 5th conv
@@ -76,7 +76,7 @@ def init_paper_(model: nn.Module, std: float = 0.01) -> nn.Module:
         for m in convs + linears:
             nn.init.normal_(m.weight, mean=0.0, std=std)
             if m.bias is not None:
-                nn.init.constant_(m.bias, 1.0 if id(m) in one_bias else 0.0)
+                nn.init.constant_(m.bias, bias if id(m) in one_bias else 0.0)
     return model
 
 
@@ -88,7 +88,8 @@ def _apply_init(model: nn.Module, init: str) -> None:
 
 
 def _classifier(in_features: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
-    # Same indices as torchvision (0 Dropout, 1 fc6, 2 ReLU, 3 Dropout, 4 fc7, 5 ReLU, 6 fc8).
+    """torchvision's head: dropout on the inputs of fc6 and fc7. Same indices as torchvision
+    (0 Dropout, 1 fc6, 2 ReLU, 3 Dropout, 4 fc7, 5 ReLU, 6 fc8), so its weights load."""
     return nn.Sequential(
         nn.Dropout(p=dropout),
         nn.Linear(in_features, hidden),
@@ -96,6 +97,22 @@ def _classifier(in_features: int, hidden: int, num_classes: int, dropout: float)
         nn.Dropout(p=dropout),
         nn.Linear(hidden, hidden),
         nn.ReLU(inplace=True),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+def _paper_classifier(in_features: int, hidden: int, num_classes: int,
+                      dropout: float) -> nn.Sequential:
+    """The paper's head (and Caffe's bvlc_alexnet): dropout on the outputs of fc6 and fc7,
+    after their ReLUs: 0 fc6, 1 ReLU, 2 Dropout, 3 fc7, 4 ReLU, 5 Dropout, 6 fc8. pool5's
+    9,216 features reach fc6 whole, which the paper's N(0, 0.01) init relies on."""
+    return nn.Sequential(
+        nn.Linear(in_features, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(p=dropout),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(inplace=True),
+        nn.Dropout(p=dropout),
         nn.Linear(hidden, num_classes),
     )
 
@@ -158,7 +175,7 @@ class AlexNetPaper(_FeaturesPoolClassifier):
             nn.MaxPool2d(kernel_size=3, stride=2),  # 14 -> 6x6
         )
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
-        self.classifier = _classifier(256 * 6 * 6, 4096, num_classes, dropout)
+        self.classifier = _paper_classifier(256 * 6 * 6, 4096, num_classes, dropout)
         _apply_init(self, init)
 
 
