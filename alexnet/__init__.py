@@ -5,6 +5,7 @@ Imports only torch (and numpy for the CPU-side crops); Ray and MLflow live in ``
 
 from alexnet.model import (
     INPUT_SIZE,
+    PAPER_INIT_BIAS,
     VARIANTS,
     AlexNet,
     AlexNetPaper,
@@ -15,10 +16,12 @@ from alexnet.model import (
     build_model,
     check_variant,
     init_paper_,
+    min_input_size,
 )
 
 __all__ = [
     "INPUT_SIZE",
+    "PAPER_INIT_BIAS",
     "VARIANTS",
     "AlexNet",
     "AlexNetPaper",
@@ -29,4 +32,5 @@ __all__ = [
     "build_model",
     "check_variant",
     "init_paper_",
+    "min_input_size",
 ]

@@ -16,6 +16,7 @@ Only torch is imported here: the training and serving code around it (Ray, MLflo
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 
 __all__ = [
     "INPUT_SIZE",
+    "PAPER_INIT_BIAS",
     "VARIANTS",
     "AlexNet",
     "AlexNetPaper",
@@ -33,6 +35,7 @@ __all__ = [
     "build_model",
     "check_variant",
     "init_paper_",
+    "min_input_size",
 ]
 
 VARIANTS: tuple[str, ...] = ("paper", "torchvision", "cifar")
@@ -40,6 +43,8 @@ VARIANTS: tuple[str, ...] = ("paper", "torchvision", "cifar")
 INPUT_SIZE: dict[str, int] = {"paper": 224, "torchvision": 224, "cifar": 32}
 
 _INITS = ("paper", "default")
+#: The positive bias of the paper init used here (the paper: 1; see :func:`init_paper_`).
+PAPER_INIT_BIAS = 0.1
 
 # The paper's LRN: b = a / (k + alpha * sum_{n neighbours} a^2) ** beta, k=2, n=5,
 # alpha=1e-4, beta=0.75. nn.LocalResponseNorm divides alpha by n (the Caffe convention), so
@@ -62,11 +67,14 @@ def init_paper_(model: nn.Module, std: float = 0.01, bias: float = 1.0) -> nn.Mo
     by providing the ReLUs with positive inputs"), 0 elsewhere. Layers are found in
     registration order, so this fits all three variants here (5 convs, 3 linears each).
 
-    Cost of being faithful: N(0, 0.01) ignores fan-in, so each layer shrinks the signal
-    (conv1: 0.01 * sqrt(3*11*11) ~ 0.19; fc6: 0.01 * sqrt(9216) ~ 0.96 before ReLU halves it)
-    and the loss sits near ln(num_classes) for the first epoch or more, sometimes much longer
-    than with the Kaiming-uniform default. The 1-biases are what keep the ReLUs alive.
-    Use ``init="default"`` when a run must start learning quickly.
+    ``bias`` is the value of those positive biases: 1 in the paper. The models here default
+    to :data:`PAPER_INIT_BIAS` (0.1) instead, as Caffe's bvlc_alexnet does ("initialization
+    to 1 gave flat loss"): with 1, every fc7 ReLU output starts near 1, so fc8's gradient
+    step grows with ``||h7||^2 ~ 4096`` and the logits overshoot; the loss blows up to
+    several times ln(num_classes) in the first epoch and then sits at chance.
+
+    N(0, 0.01) ignores fan-in; it was chosen for inputs that are only mean-subtracted (pixel
+    units, std ~ 60), which is how the training recipe feeds the paper variant.
     """
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -80,9 +88,9 @@ def init_paper_(model: nn.Module, std: float = 0.01, bias: float = 1.0) -> nn.Mo
     return model
 
 
-def _apply_init(model: nn.Module, init: str) -> None:
+def _apply_init(model: nn.Module, init: str, bias: float) -> None:
     if init == "paper":
-        init_paper_(model)
+        init_paper_(model, bias=bias)
     elif init != "default":
         raise ValueError(f"unknown init {init!r}; expected one of {_INITS}")
 
@@ -142,9 +150,10 @@ class AlexNetPaper(_FeaturesPoolClassifier):
     Args:
         num_classes: width of the last layer.
         groups: 1 (one device) or 2 (the paper's two-GPU connectivity).
-        dropout: drop probability before fc6 and fc7 (0.5 in the paper).
-        init: ``"paper"`` (N(0, 0.01) weights, some biases 1; see :func:`init_paper_`) or
-            ``"default"`` (PyTorch's own initialisation).
+        dropout: drop probability on the outputs of fc6 and fc7 (0.5 in the paper).
+        init: ``"paper"`` (N(0, 0.01) weights, some biases positive; see
+            :func:`init_paper_`) or ``"default"`` (PyTorch's own initialisation).
+        init_bias: the positive biases of the paper init (0.1; the paper's 1 stalls).
     """
 
     def __init__(
@@ -153,6 +162,7 @@ class AlexNetPaper(_FeaturesPoolClassifier):
         groups: int = 1,
         dropout: float = 0.5,
         init: str = "paper",
+        init_bias: float = PAPER_INIT_BIAS,
     ) -> None:
         super().__init__()
         if groups not in (1, 2):
@@ -176,7 +186,7 @@ class AlexNetPaper(_FeaturesPoolClassifier):
         )
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
         self.classifier = _paper_classifier(256 * 6 * 6, 4096, num_classes, dropout)
-        _apply_init(self, init)
+        _apply_init(self, init, init_bias)
 
 
 class AlexNet(_FeaturesPoolClassifier):
@@ -194,7 +204,8 @@ class AlexNet(_FeaturesPoolClassifier):
     """
 
     def __init__(
-        self, num_classes: int = 1000, dropout: float = 0.5, init: str = "default"
+        self, num_classes: int = 1000, dropout: float = 0.5, init: str = "default",
+        init_bias: float = PAPER_INIT_BIAS,
     ) -> None:
         super().__init__()
         self.features = nn.Sequential(
@@ -214,7 +225,7 @@ class AlexNet(_FeaturesPoolClassifier):
         )
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
         self.classifier = _classifier(256 * 6 * 6, 4096, num_classes, dropout)
-        _apply_init(self, init)
+        _apply_init(self, init, init_bias)
 
 
 class CifarAlexNet(_FeaturesPoolClassifier):
@@ -234,7 +245,8 @@ class CifarAlexNet(_FeaturesPoolClassifier):
         init: ``"default"`` (PyTorch's initialisation) or ``"paper"``.
     """
 
-    def __init__(self, num_classes: int = 10, dropout: float = 0.5, init: str = "default") -> None:
+    def __init__(self, num_classes: int = 10, dropout: float = 0.5, init: str = "default",
+                 init_bias: float = PAPER_INIT_BIAS) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(3, 64, kernel_size=5, padding=2),
@@ -255,7 +267,7 @@ class CifarAlexNet(_FeaturesPoolClassifier):
         )
         self.avgpool = nn.AdaptiveAvgPool2d((3, 3))
         self.classifier = _classifier(256 * 3 * 3, 1024, num_classes, dropout)
-        _apply_init(self, init)
+        _apply_init(self, init, init_bias)
 
 
 def alexnet_paper(num_classes: int = 1000, groups: int = 2, **kwargs: Any) -> AlexNetPaper:
@@ -287,12 +299,38 @@ def check_variant(variant: str, groups: int = 1) -> None:
         raise ValueError(f"--groups {groups} applies only to the 'paper' variant, not {variant!r}")
 
 
+@functools.cache
+def min_input_size(variant: str) -> int:
+    """The smallest square input side ``variant``'s layers accept (the paper layout: 63 px).
+
+    Found by running the features on the meta device (shapes only: no memory, no FLOPs), so
+    a launcher can refuse a too-small ``--crop`` before any worker starts.
+    """
+    check_variant(variant)
+    with torch.device("meta"):
+        features = build_model(variant, 10, init="default").features
+
+        def fits(size: int) -> bool:
+            try:
+                features(torch.empty(1, 3, size, size))
+            except RuntimeError:  # a layer's output would be empty
+                return False
+            return True
+
+        low, high = 1, 1024  # fits(high); bigger inputs always fit when a smaller one does
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (low, mid) if fits(mid) else (mid + 1, high)
+    return low
+
+
 def build_model(
     variant: str,
     num_classes: int,
     groups: int = 1,
     dropout: float = 0.5,
     init: str | None = None,
+    init_bias: float = PAPER_INIT_BIAS,
 ) -> nn.Module:
     """Build a variant by name: ``"paper"``, ``"torchvision"`` or ``"cifar"``.
 
@@ -304,6 +342,7 @@ def build_model(
     if init is not None and init not in _INITS:
         raise ValueError(f"unknown init {init!r}; expected one of {_INITS}")
     if variant == "paper":
-        return AlexNetPaper(num_classes, groups=groups, dropout=dropout, init=init or "paper")
+        return AlexNetPaper(num_classes, groups=groups, dropout=dropout, init=init or "paper",
+                            init_bias=init_bias)
     cls = AlexNet if variant == "torchvision" else CifarAlexNet
-    return cls(num_classes, dropout=dropout, init=init or "default")
+    return cls(num_classes, dropout=dropout, init=init or "default", init_bias=init_bias)
