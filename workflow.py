@@ -90,6 +90,8 @@ def cmd_batch_infer(args: argparse.Namespace) -> int:
           f"{result['actors']} model actor(s) x {result['cpus_per_actor']} CPU(s))")
     for e in result["error_examples"]:
         print(f"  error: {e['path']}: {e['error']}")
+    if "label_note" in result:
+        print(f"note: {result['label_note']}")
     if "mlflow_run_id" in result:
         print(f"evaluation run {result['mlflow_run_id']} (experiment {cfg.experiment!r})")
     return 0
@@ -118,8 +120,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     from alexnet import INPUT_SIZE, build_model, check_variant
     from alexnet.summary import format_table, layer_table
 
-    check_variant(args.variant, args.groups)  # the same rule `train` applies
-    model = build_model(args.variant, args.num_classes, groups=args.groups)
+    cfg = C.TrainConfig()  # `train`'s defaults and rule: groups 0 = 2 for paper, else 1
+    cfg.model.variant, cfg.model.groups = args.variant, args.groups
+    groups = C.resolve_auto(cfg).model.groups
+    check_variant(args.variant, groups)
+    model = build_model(args.variant, args.num_classes, groups=groups)
     size = INPUT_SIZE[args.variant]
     print(format_table(layer_table(model, (1, 3, size, size))))
     return 0

@@ -64,6 +64,10 @@ class DataSection:
     val_split: str = opt("val", "split to validate on (skipped when absent)")
     crop: int = opt(224, "training crop size (random crops of the stored images)")
     pca_alphastd: float = opt(0.1, "std of the PCA colour augmentation's alpha (0 turns it off)")
+    normalize: str = opt("auto", "input normalisation: mean (subtract the mean RGB, as the "
+                         "paper), mean-std (also divide by the std, as torchvision); auto: "
+                         "mean for the paper variant, mean-std for the others",
+                         ("auto", "mean", "mean-std"))
     loader_workers: int = opt(1, "DataLoader processes per training worker (decode + crop)")
     cache_dir: str = opt("", "copy the shards to this node-local directory first (once per "
                          "node, sha256-checked), for clusters without shared storage")
@@ -74,10 +78,15 @@ class DataSection:
 @dataclass
 class ModelSection:
     variant: str = opt("paper", "AlexNet layout", ("paper", "torchvision", "cifar"))
-    groups: int = opt(1, "groups in conv2/4/5 of the paper variant (2 = the paper's two GPUs)")
+    groups: int = opt(0, "groups in conv2/4/5 of the paper variant: 2 is the paper's "
+                      "two-GPU connectivity, 1 connects everything; 0: 2 for the paper "
+                      "variant, 1 for the others")
     dropout: float = opt(0.5, "dropout on FC6 and FC7")
     init: str = opt("auto", "weight init: paper N(0, 0.01), default (PyTorch's), auto = "
                     "paper for the paper variant", ("auto", "paper", "default"))
+    init_bias: float = opt(0.1, "the positive biases of the paper init (conv2/4/5, fc6/7); "
+                           "the paper says 1, which blows the loss up and stalls it "
+                           "(Caffe's bvlc_alexnet uses 0.1 for the same reason)")
 
 
 @dataclass
@@ -86,7 +95,12 @@ class OptimSection:
     lr: float = opt(0.01, "learning rate for a global batch of 128; scaled linearly with the "
                     "global batch (lr x global/128)")
     momentum: float = opt(0.9, "SGD momentum")
-    weight_decay: float = opt(5e-4, "SGD weight decay")
+    weight_decay: float = opt(5e-4, "SGD weight decay, on the weights only")
+    bias_decay: bool = opt(False, "apply the weight decay to biases too (Caffe's "
+                           "bvlc_alexnet and cuda-convnet's configs do not)")
+    warmup_epochs: int = opt(-1, "linear lr warmup over this many epochs, per step from "
+                             "lr/steps to lr (Goyal et al. 2017); -1: 5 when the global "
+                             "batch is above 128, else 0")
     schedule: str = opt("plateau", "lr schedule: plateau (divide by 10 when val error stalls, "
                         "at most --max-lr-drops times), step, cosine",
                         ("plateau", "step", "cosine"))
@@ -130,6 +144,24 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     run: RunSection = field(default_factory=RunSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
+
+
+def resolve_auto(cfg: TrainConfig) -> TrainConfig:
+    """Replace every "auto" value of a train config by what it means for this run, in
+    place, and return it; the saved config then says what ran. Idempotent."""
+    paper = cfg.model.variant == "paper"
+    if cfg.model.groups == 0:
+        cfg.model.groups = 2 if paper else 1
+    if cfg.model.init == "auto":
+        cfg.model.init = "paper" if paper else "default"
+    if cfg.data.normalize == "auto":
+        # The paper only subtracts the mean; its N(0, 0.01) init and LRN constants were
+        # chosen for inputs in pixel units (std ~ 60), not for unit-variance ones.
+        cfg.data.normalize = "mean" if paper else "mean-std"
+    if cfg.optim.warmup_epochs < 0:
+        # Goyal et al.: linear scaling needs a gradual warmup once the batch is large.
+        cfg.optim.warmup_epochs = 5 if cfg.optim.batch_size * cfg.run.workers > 128 else 0
+    return cfg
 
 
 # --------------------------------------------------------------------------- batch inference

@@ -60,6 +60,13 @@ def check_dataset(data: str | Path, manifest: dict, train_split: str, val_split:
         if key not in stats or np.asarray(stats[key]).shape != shape:
             raise DatasetMismatch(f"{data}/manifest.json: stats.{key} missing or not of "
                                   f"shape {shape}; {fix}")
+    if stats.get("pixels") == 0 or not np.all(np.asarray(stats["std"]) > 0):
+        # preprocess computes the stats on the split named "train"; without one they are
+        # zeros, and training would divide by a zero std (or subtract a zero mean).
+        raise DatasetMismatch(f"{data}/manifest.json has no pixel statistics (they come from "
+                              f"a split named 'train'; splits here: {sorted(splits)}): "
+                              "preprocess a source whose training images are in a 'train' "
+                              "split")
     resize = int(manifest.get("preprocess", {}).get("resize", 0))
     if resize and crop > resize:
         raise DatasetMismatch(f"--crop {crop} is larger than the stored images ({resize} px, "
@@ -122,12 +129,15 @@ class ShardRecords(Dataset):
     the same generator draws as the CPU path, so both paths crop the same boxes."""
 
     def __init__(self, readers: list[ShardReader], crop: int, mode: str, seed: int = 0,
-                 gpu_decode: bool = False):
+                 gpu_decode: bool = False, pad: int = 0):
         if gpu_decode and mode == "ten":
             raise ValueError("gpu_decode supports the train and center modes, not ten crops")
+        if gpu_decode and pad:
+            raise ValueError("gpu_decode crops inside the stored image; it cannot pad")
         self.readers = readers
         self.offsets = np.cumsum([0] + [len(r) for r in readers])
         self.crop, self.mode, self.seed, self.gpu_decode = crop, mode, seed, gpu_decode
+        self.pad = pad
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -147,6 +157,8 @@ class ShardRecords(Dataset):
             rec = unpack_record(reader.raw(local))
             img = decode_rgb(rec)
             if self.mode == "train":
+                if self.pad:  # CIFAR's usual augmentation: zero-pad, then a random crop
+                    img = np.pad(img, ((self.pad, self.pad), (self.pad, self.pad), (0, 0)))
                 return random_crop_flip(img, self.crop, rng), rec.label, True
             if self.mode == "ten":
                 return ten_crop(img, self.crop), rec.label, True
@@ -254,8 +266,8 @@ def decode_crop_batch(datas: list[torch.Tensor], boxes: torch.Tensor, ok: torch.
 
 def make_loader(readers: list[ShardReader], crop: int, mode: str, batch_size: int, rank: int,
                 world: int, seed: int, workers: int, pin_memory: bool,
-                gpu_decode: bool = False) -> DataLoader:
-    dataset = ShardRecords(readers, crop, mode, seed, gpu_decode=gpu_decode)
+                gpu_decode: bool = False, pad: int = 0) -> DataLoader:
+    dataset = ShardRecords(readers, crop, mode, seed, gpu_decode=gpu_decode, pad=pad)
     sampler = EpochSampler(len(dataset), rank, world, seed, shuffle=(mode == "train"))
     # pin_memory on GPU: the host-to-device copy of the next batch can then run
     # asynchronously (non_blocking=True) while the current step computes.

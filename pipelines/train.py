@@ -110,15 +110,25 @@ def resolve_run(cfg: C.TrainConfig, fs, root: str) -> str:
 def check_config(cfg: C.TrainConfig) -> tuple[dict, dict]:
     """Every check that can fail before a worker starts: flags, manifest, shards. Returns
     (manifest, {split: {records, shards}})."""
-    from alexnet import check_variant
+    from alexnet import INPUT_SIZE, check_variant, min_input_size
     from pipelines.ingest import DatasetMismatch, check_dataset
 
+    C.resolve_auto(cfg)
     try:
         check_variant(cfg.model.variant, cfg.model.groups)
     except ValueError as exc:
         raise TrainError(str(exc)) from exc
+    smallest = min_input_size(cfg.model.variant)
+    if cfg.data.crop < smallest:
+        raise TrainError(f"--crop {cfg.data.crop} is too small for the {cfg.model.variant} "
+                         f"variant: its layers need at least {smallest} px (it is built for "
+                         f"{INPUT_SIZE[cfg.model.variant]})")
     if cfg.data.decode_on_gpu and not cfg.run.gpu:
         raise TrainError("--decode-on-gpu needs --gpu: nvJPEG decodes on the workers' GPUs")
+    if cfg.data.decode_on_gpu and cfg.model.variant == "cifar":
+        raise TrainError("--decode-on-gpu crops inside the stored image and cannot give the "
+                         "cifar variant its pad-4 crops; drop the flag (32-px images decode "
+                         "fast on the CPU)")
     if cfg.run.workers < 1 or cfg.optim.batch_size < 1 or cfg.run.epochs < 1:
         raise TrainError("--workers, --batch-size and --epochs must be at least 1")
     if not cfg.data.data:
@@ -133,7 +143,21 @@ def check_config(cfg: C.TrainConfig) -> tuple[dict, dict]:
                               cfg.data.val_split, cfg.data.crop)
     except DatasetMismatch as exc:
         raise TrainError(str(exc)) from exc
+    _check_cifar_scale(cfg, manifest)
     return manifest, found
+
+
+def _check_cifar_scale(cfg: C.TrainConfig, manifest: dict) -> None:
+    """The cifar variant on ImageNet-sized shards would train on crops several times larger
+    than it is built for (224 px: 7x CIFAR's 32, 49x the FLOPs, a 3x3 pool5 averaged down
+    from 24x24): almost surely a mistake, so it needs CIFAR-sized data."""
+    resize = int(manifest.get("preprocess", {}).get("resize", 0))
+    limit = 2 * 32
+    if cfg.model.variant == "cifar" and (cfg.data.crop > limit or resize > limit):
+        raise TrainError(f"--variant cifar is built for 32x32 images, but --crop is "
+                         f"{cfg.data.crop} on {resize}-px shards: preprocess the data with "
+                         "--resize 32 (CIFAR's own size) and train with --crop 32, or use "
+                         "--variant paper or torchvision for large images")
 
 
 def signature_and_example(info: dict):

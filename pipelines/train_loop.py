@@ -159,12 +159,61 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return zlib.crc32(f"{seed}/{epoch}/{rank}".encode())
 
 
+def input_stats(cfg: C.TrainConfig, manifest: dict) -> dict[str, list]:
+    """The manifest's pixel statistics as the model sees them: with `--normalize mean` (the
+    paper's) the std is 1, so `normalize` only subtracts the mean. Training, evaluation and
+    the served bundle (`inference.json`) all take mean/std from here, so they agree."""
+    s = manifest["stats"]
+    std = [1.0, 1.0, 1.0] if C.resolve_auto(cfg).data.normalize == "mean" else s["std"]
+    return {"mean": s["mean"], "std": std, "eigval": s["eigval"], "eigvec": s["eigvec"]}
+
+
 def inference_info(cfg: C.TrainConfig, manifest: dict, num_classes: int) -> dict:
+    stats = input_stats(cfg, manifest)
     return {"variant": cfg.model.variant, "groups": cfg.model.groups,
             "num_classes": num_classes, "input_size": cfg.data.crop,
             "resize": manifest["preprocess"]["resize"],
-            "mean": manifest["stats"]["mean"], "std": manifest["stats"]["std"],
-            "classes": manifest["classes"]}
+            "mean": stats["mean"], "std": stats["std"], "classes": manifest["classes"]}
+
+
+def param_groups(net: torch.nn.Module, weight_decay: float, bias_decay: bool) -> list[dict]:
+    """SGD parameter groups: weights decay, biases (every 1-d parameter) only with
+    `bias_decay`, as in Caffe's bvlc_alexnet (decay_mult 0) and cuda-convnet's configs.
+    Decaying the positive init biases pulls the ReLUs they keep alive towards zero."""
+    weights = [p for p in net.parameters() if p.ndim > 1]
+    biases = [p for p in net.parameters() if p.ndim <= 1]
+    return [{"params": weights, "weight_decay": weight_decay},
+            {"params": biases, "weight_decay": weight_decay if bias_decay else 0.0}]
+
+
+class Warmup:
+    """Linear lr warmup per step over the first `epochs` epochs (Goyal et al. 2017): step i
+    of the warmup runs at `scheduled lr x (i + 1) / warmup steps`. The schedulers never see
+    the warmup rates: `end_epoch` puts the scheduled rates back before they step. A pure
+    function of (epoch, step), so a run restored mid-warmup goes on where it was."""
+
+    def __init__(self, epochs: int, steps_per_epoch: int):
+        self.epochs, self.steps_per_epoch = epochs, max(1, steps_per_epoch)
+        self.scheduled: list[float] | None = None
+
+    def active(self, epoch: int) -> bool:
+        return epoch < self.epochs
+
+    def step(self, optimizer: torch.optim.Optimizer, epoch: int, step: int) -> None:
+        if not self.active(epoch):
+            return
+        if self.scheduled is None:
+            self.scheduled = [g["lr"] for g in optimizer.param_groups]
+        done = epoch * self.steps_per_epoch + step + 1
+        scale = min(1.0, done / (self.epochs * self.steps_per_epoch))
+        for group, lr in zip(optimizer.param_groups, self.scheduled, strict=True):
+            group["lr"] = lr * scale
+
+    def end_epoch(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scheduled is not None:
+            for group, lr in zip(optimizer.param_groups, self.scheduled, strict=True):
+                group["lr"] = lr
+            self.scheduled = None
 
 
 def _all_reduce(t: torch.Tensor, world: int) -> torch.Tensor:
@@ -263,8 +312,10 @@ def evaluate(net: torch.nn.Module, loader, device, stats: dict, ten_crop: bool,
                 x = to_model_input(images.flatten(0, 1).permute(0, 3, 1, 2), stats, None)
                 with amp:
                     out = net(x)
-                probs = F.softmax(out.float(), dim=1).view(n, 10, -1).mean(1)
-                logits = probs.log()
+                # log(mean of the ten softmaxes), in log space: softmax(...).mean().log()
+                # underflows to log(0) = -inf for a confident wrong prediction.
+                logits = torch.logsumexp(F.log_softmax(out.float(), dim=1).view(n, 10, -1),
+                                         dim=1) - math.log(10)
                 loss = F.nll_loss(logits, labels, reduction="sum")
             else:
                 with amp:
@@ -343,7 +394,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg: C.TrainConfig = C.from_dict(C.TrainConfig, loop_config["cfg"])
+    cfg: C.TrainConfig = C.resolve_auto(C.from_dict(C.TrainConfig, loop_config["cfg"]))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     rank_zero = RankZero(rank)
@@ -362,15 +413,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                (cfg.data.train_split, cfg.data.val_split))
     manifest = read_manifest(data_dir)
     num_classes = len(manifest["classes"])
-    s = manifest["stats"]
-    stats = {k: torch.tensor(s[k], dtype=torch.float32, device=device)
-             for k in ("mean", "std", "eigval", "eigvec")}
+    stats = {k: torch.tensor(v, dtype=torch.float32, device=device)
+             for k, v in input_stats(cfg, manifest).items()}
     has_val = cfg.data.val_split in manifest["splits"] and \
         manifest["splits"][cfg.data.val_split]["records"] > 0
 
-    init = None if cfg.model.init == "auto" else cfg.model.init
     model = build_model(cfg.model.variant, num_classes, groups=cfg.model.groups,
-                        dropout=cfg.model.dropout, init=init)
+                        dropout=cfg.model.dropout, init=cfg.model.init,
+                        init_bias=cfg.model.init_bias)
     if on_gpu:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
@@ -378,8 +428,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     global_batch = cfg.optim.batch_size * world
     lr = cfg.optim.lr * global_batch / 128  # linear scaling rule, documented in README
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.SGD(param_groups(net, cfg.optim.weight_decay, cfg.optim.bias_decay),
+                                lr=lr, momentum=cfg.optim.momentum)
     scheduler = make_scheduler(cfg, optimizer, lr)
     start_epoch, progress = 0, Progress()
     logger = rank_zero(MetricLogger, loop_config["tracking_uri"], loop_config["run_id"])
@@ -396,7 +446,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_loader = make_loader(split_readers(data_dir, manifest, cfg.data.train_split),
                                cfg.data.crop, "train", cfg.optim.batch_size, rank, world,
                                cfg.run.seed, cfg.data.loader_workers, on_gpu,
-                               gpu_decode=cfg.data.decode_on_gpu)
+                               gpu_decode=cfg.data.decode_on_gpu,
+                               pad=4 if cfg.model.variant == "cifar" else 0)
     # Validation always decodes on the CPU: it is 4% of ImageNet and needs the ten crops.
     val_loader = make_loader(split_readers(data_dir, manifest, cfg.data.val_split),
                              cfg.data.crop, "ten" if cfg.run.ten_crop else "center",
@@ -405,6 +456,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     pca = {"alphastd": cfg.data.pca_alphastd} if cfg.data.pca_alphastd > 0 else None
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu and cfg.run.amp)
     to_device = DeviceBatches(device, cfg.data.crop, cfg.data.decode_on_gpu)
+    warmup = Warmup(cfg.optim.warmup_epochs, len(train_loader))
     chaos = Chaos.from_config(loop_config.get("chaos"))
     info = inference_info(cfg, manifest, num_classes)
     monitor = _node_monitor(loop_config, ctx)
@@ -413,7 +465,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for epoch in range(start_epoch, cfg.run.epochs):
             torch.manual_seed(epoch_seed(cfg.run.seed, epoch, rank))
             train_loader.sampler.set_epoch(epoch)
-            on_step = (lambda step, e=epoch: chaos.maybe_kill(rank, e, step)) if chaos else None
+            def on_step(step: int, e: int = epoch) -> None:
+                warmup.step(optimizer, e, step)
+                if chaos:
+                    chaos.maybe_kill(rank, e, step)
+
             ep = train_one_epoch(model, train_loader, optimizer, to_device, stats, pca, amp,
                                  on_step)
             seconds = ep["seconds"]
@@ -439,7 +495,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics.update(val)
             score = metrics.get("val_top1_error", metrics["train_loss"])
             metrics["score"] = score
-            step_scheduler(cfg, scheduler, score)
+            warmup.end_epoch(optimizer)
+            if not (warmup.active(epoch) and cfg.optim.schedule == "plateau"):
+                # No plateau drop while the rate is still climbing.
+                step_scheduler(cfg, scheduler, score)
             progress.update(score)
             rank_zero(MetricLogger.log_epoch, logger, epoch, metrics)
             with tempfile.TemporaryDirectory() as tmp:

@@ -253,7 +253,8 @@ def test_decode_on_gpu_needs_jpeg_shards(data):
     m["preprocess"]["encoding"] = "raw"
     (root / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(TrainError, match="reads JPEG records"):
-        check_config(_data_cfg(root, decode_on_gpu=True, gpu=True))
+        check_config(_data_cfg(root, decode_on_gpu=True, gpu=True, variant="torchvision",
+                               crop=64))
 
 
 def test_missing_or_mismatched_manifest_fails_before_ray_or_mlflow(data, tmp_path, mlflow_uri):
