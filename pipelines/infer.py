@@ -82,12 +82,26 @@ SCHEMA = pa.schema([
 
 
 # --------------------------------------------------------------------------- inputs
-def _label_of(token, classes: list[dict], where: str) -> tuple[int, str]:
+class _Labels:
+    """Reads a label token against the model's class index (the wnid lookup built once)."""
+
+    def __init__(self, classes: list[dict]):
+        self.classes = classes
+        self.wnid_index = {c["wnid"]: c["index"] for c in classes}
+
+    def __call__(self, token, where: str) -> tuple[int, str]:
+        return _label_of(token, self.classes, where, self.wnid_index)
+
+
+def _label_of(token, classes: list[dict], where: str,
+              wnid_index: dict[str, int] | None = None) -> tuple[int, str]:
     """(class index, "") from an int index or a wnid; (-1, "") for null; (-1, reason) for a
-    label that is not in the model's class index (the row then gets that error)."""
+    label that is not in the model's class index (the row then gets that error). Pass
+    `wnid_index` when reading many labels (`_Labels` does)."""
     if token is None or (isinstance(token, float) and np.isnan(token)):
         return -1, ""
-    wnid_index = {c["wnid"]: c["index"] for c in classes}
+    if wnid_index is None:
+        wnid_index = {c["wnid"]: c["index"] for c in classes}
     text = str(token).strip()
     if text.lstrip("-").isdigit():
         value = int(text)
@@ -128,9 +142,9 @@ def _list_images_file(path: Path, classes: list[dict]) -> pa.Table:
         lines = read_images_list(path)
     except SourceError as exc:  # unreadable or not UTF-8; the message names the list
         raise InferError(str(exc)) from None
+    label_of = _Labels(classes)
     for n, _, token, image in lines:
-        label, error = (-1, "") if token is None else _label_of(token, classes,
-                                                                 f"{path.name}:{n}")
+        label, error = (-1, "") if token is None else label_of(token, f"{path.name}:{n}")
         paths.append(_resolve(path.parent, image))
         labels.append(label)
         errors.append(error)
@@ -160,8 +174,8 @@ def _list_table_file(path: Path, classes: list[dict], path_column: str,
         raise InferError(f"{path} has no rows")
     raw_paths = table[path_column].to_pylist()
     if label_column and label_column in table.column_names:
-        where = f"{path.name} row {{}} column {label_column!r}"
-        found = [_label_of(v, classes, where.format(i))
+        where, label_of = f"{path.name} row {{}} column {label_column!r}", _Labels(classes)
+        found = [label_of(v, where.format(i))
                  for i, v in enumerate(table[label_column].to_pylist())]
     else:
         found = [(-1, "")] * len(raw_paths)
@@ -210,7 +224,8 @@ def list_inputs(path: str, split: str, classes: list[dict], path_column: str = "
         # The label is in each record; -1 here is filled in when the record is read.
         table = _table([p for p, _ in rows], [-1] * len(rows), "shard", [i for _, i in rows])
         return table, {"kind": "shards", "split": split,
-                       "manifest_sha256": manifest_digest(root)}
+                       "manifest_sha256": manifest_digest(root),
+                       **shard_label_map(manifest["classes"], classes, root)}
     if root.is_dir():
         return _list_folder(root, classes), {"kind": "folder"}
     if root.is_file():
@@ -221,10 +236,30 @@ def list_inputs(path: str, split: str, classes: list[dict], path_column: str = "
                      "OUT, an images-list file or a .parquet/.csv file)")
 
 
+def shard_label_map(out_classes: list[dict], model_classes: list[dict], root: Path) -> dict:
+    """How the records' labels (indices into the OUT's class list) become the model's: {}
+    when both lists are the same wnids in the same order; else {"label_map": [model index
+    or -1 per OUT index], "label_note": one line}, matched by wnid. A record whose class the
+    model does not know is predicted unlabelled (no accuracy), never scored against the
+    wrong class, which comparing raw indices would do."""
+    out_wnids = [c["wnid"] for c in out_classes]
+    model_index = {c["wnid"]: c["index"] for c in model_classes}
+    if out_wnids == [c["wnid"] for c in model_classes]:
+        return {}
+    mapping = [model_index.get(w, -1) for w in out_wnids]
+    known = sum(m >= 0 for m in mapping)
+    note = (f"{root}: its {len(out_wnids)} classes differ from the model's "
+            f"{len(model_classes)}; labels are matched by wnid ({known} of {len(out_wnids)} "
+            "known to the model; records of the others are predicted unlabelled)")
+    return {"label_map": mapping, "label_note": note}
+
+
 # --------------------------------------------------------------------------- decode (tasks)
 def load_crops(batch: dict[str, np.ndarray], geometries: list[tuple[int, int]],
-               ten_crop: bool) -> dict[str, np.ndarray]:
+               ten_crop: bool, label_map: list[int] | None = None) -> dict[str, np.ndarray]:
     """Read and decode each input, then each model geometry's rescale + crop (Ray tasks, CPU).
+    A shard record's label goes through `label_map` (OUT index -> model index, see
+    `shard_label_map`) when the OUT's class list is not the model's.
 
     Returns the batch with `crops_<g>` uint8 [N, S, S, 3] ([N, 10, S, S, 3] with ten_crop)
     per geometry g, and `error` ("" when fine); a failed row keeps zero pixels."""
@@ -249,7 +284,9 @@ def load_crops(batch: dict[str, np.ndarray], geometries: list[tuple[int, int]],
                 shards[i], paths[i] = src, f"{src}#{int(batch['record'][i])}"
                 reader = readers.get(src) or readers.setdefault(src, ShardReader(src))
                 rec = reader[int(batch["record"][i])]
-                paths[i], labels[i] = rec.path, rec.label
+                paths[i] = rec.path
+                labels[i] = rec.label if label_map is None or rec.label < 0 else \
+                    label_map[rec.label]
                 rgb = decode_image(rec)
             else:
                 with open(src, "rb") as fh:
@@ -649,7 +686,8 @@ def run_batch_infer(cfg: InferConfig) -> dict:
         # estimate: a decoded photo and its crops, with headroom, per image) makes them differ.
         crop_bytes = sum(3 * s * s for _, s in geometries) * (10 if cfg.ten_crop else 1)
         ds = ds.map_batches(load_crops, batch_size=cfg.batch_size, batch_format="numpy",
-                            fn_kwargs={"geometries": geometries, "ten_crop": cfg.ten_crop},
+                            fn_kwargs={"geometries": geometries, "ten_crop": cfg.ten_crop,
+                                       "label_map": source.get("label_map")},
                             memory=cfg.batch_size * (crop_bytes + DECODED_IMAGE_BYTES))
         pool = (ray.data.ActorPoolStrategy(min_size=cfg.actors, max_size=cfg.max_actors)
                 if cfg.max_actors > cfg.actors else ray.data.ActorPoolStrategy(size=cfg.actors))
@@ -683,6 +721,8 @@ def run_batch_infer(cfg: InferConfig) -> dict:
         if ended > t_half and summary.images > n_half:
             result["steady_images_per_s"] = round(
                 (summary.images - n_half) / (ended - t_half), 2)
+    if "label_note" in source:
+        result["label_note"] = source["label_note"]
     result["per_class"] = summary.per_class_rows()
     if cfg.log_to_mlflow:
         result["mlflow_run_id"] = log_evaluation(

@@ -9,6 +9,7 @@ shards and real JPEG files.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -298,6 +299,33 @@ def test_shards_input_labels_and_paths_from_records(ray_local, world, tmp_path):
     row = table.to_pylist()[0]
     assert row["path"].startswith("val/") and row["shard"].endswith(".lmdb")
     assert row["record"] is not None and row["label"] == world.labels[Path(row["path"]).stem]
+    assert "label_note" not in res
+    # A model whose class list is the OUT's in reverse: labels follow the wnids, not the
+    # indices, so the truth column still names each image's own class.
+    flipped = tmp_path / "flipped"
+    shutil.copytree(world.a.bundle, flipped)
+    info = json.loads((flipped / "inference.json").read_text())
+    info["classes"] = [{**c, "index": i} for i, c in enumerate(reversed(info["classes"]))]
+    (flipped / "inference.json").write_text(json.dumps(info))
+    res, table = _infer(tmp_path, out, split="val", model=str(flipped))
+    assert "matched by wnid (4 of 4 known" in res["label_note"]
+    wnid_of = {c["index"]: c["wnid"] for c in info["classes"]}
+    truth = {c["index"]: c["wnid"] for c in world.classes}
+    for row in table.to_pylist():
+        assert wnid_of[row["label"]] == truth[world.labels[Path(row["path"]).stem]]
+
+
+def test_shard_labels_are_matched_by_wnid_when_the_class_lists_differ(tmp_path):
+    from pipelines.infer import shard_label_map
+
+    model = [{"index": i, "wnid": w, "name": w} for i, w in enumerate(["n1", "n2", "n3"])]
+    assert shard_label_map(model, model, tmp_path) == {}
+    out = [{"index": i, "wnid": w, "name": w} for i, w in enumerate(["n3", "n9", "n1"])]
+    got = shard_label_map(out, model, tmp_path)
+    assert got["label_map"] == [2, -1, 0]
+    assert got["label_note"] == (f"{tmp_path}: its 3 classes differ from the model's 3; labels "
+                                 "are matched by wnid (2 of 3 known to the model; records of "
+                                 "the others are predicted unlabelled)")
 
 
 def test_images_list_input_forms_are_listed_without_ray(tmp_path):
