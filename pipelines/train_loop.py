@@ -49,32 +49,26 @@ class RankZero:
         return fn(*args, **kwargs) if self.active else None
 
 
-class MetricLogger:
-    """Logs one epoch's metrics to the driver's MLflow run, each epoch at most once."""
+class RunMetrics:
+    """Rank 0's metrics: into the run's journal (durable, beside the checkpoints), then to
+    MLflow by a background sender. Nothing here waits on MLflow (see pipelines/journal.py)."""
 
-    KEY = "train_loss"
+    def __init__(self, cfg: C.TrainConfig, tracking_uri: str, run_id: str):
+        from pipelines.journal import JOURNAL, MetricJournal, MetricSender
+        from pipelines.train import storage_filesystem
 
-    def __init__(self, tracking_uri: str, run_id: str):
-        from mlflow import MlflowClient
+        fs, root = storage_filesystem(cfg.run.storage)
+        self.journal = MetricJournal(fs, f"{root}/{cfg.run.name}/{JOURNAL}")
+        self.sender = MetricSender(self.journal, tracking_uri, run_id)
+        self.sender.start()
 
-        from pipelines.tracking import logged_steps
+    def log(self, key: str, step: int, metrics: dict[str, float]) -> None:
+        if self.journal.append(key, step, metrics):
+            self.sender.notify()
 
-        self.client, self.run_id = MlflowClient(tracking_uri), run_id
-        self.done = logged_steps(self.client, run_id, self.KEY)
-
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        if epoch in self.done:
-            return
-        self.log(epoch, metrics)
-        self.done.add(epoch)
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if v is not None and math.isfinite(float(v))]
-        self.client.log_batch(self.run_id, metrics=batch)
+    def close(self) -> None:
+        # Bounded: what is not sent now stays in the journal for the driver to send.
+        self.sender.close(timeout=20.0)
 
 
 @dataclass
@@ -383,10 +377,13 @@ def _node_monitor(loop_config: dict, rank_ctx):
         return None
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    monitor = SystemMetricsMonitor(loop_config["run_id"], resume_logging=True,
-                                   node_id=f"node{rank_ctx.get_node_rank()}",
-                                   tracking_uri=loop_config["tracking_uri"])
-    monitor.start()
+    try:  # a side channel: an unreachable MLflow must not stop the worker from starting
+        monitor = SystemMetricsMonitor(loop_config["run_id"], resume_logging=True,
+                                       node_id=f"node{rank_ctx.get_node_rank()}",
+                                       tracking_uri=loop_config["tracking_uri"])
+        monitor.start()
+    except Exception:  # noqa: BLE001
+        return None
     return monitor
 
 
@@ -432,7 +429,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                 lr=lr, momentum=cfg.optim.momentum)
     scheduler = make_scheduler(cfg, optimizer, lr)
     start_epoch, progress = 0, Progress()
-    logger = rank_zero(MetricLogger, loop_config["tracking_uri"], loop_config["run_id"])
+    from pipelines.journal import SENDER_HTTP_ENV
+
+    for key, value in SENDER_HTTP_ENV.items():  # short MLflow requests in this process
+        os.environ.setdefault(key, value)
+    logger = rank_zero(RunMetrics, cfg, loop_config["tracking_uri"], loop_config["run_id"])
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -441,7 +442,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                                            device)
         # One point per restore (after a failure or --resume): the UI shows where runs
         # picked up again.
-        rank_zero(MetricLogger.log, logger, start_epoch, {"restored_at_epoch": start_epoch})
+        rank_zero(RunMetrics.log, logger, "restore", start_epoch,
+                  {"restored_at_epoch": start_epoch})
 
     train_loader = make_loader(split_readers(data_dir, manifest, cfg.data.train_split),
                                cfg.data.crop, "train", cfg.optim.batch_size, rank, world,
@@ -500,7 +502,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 # No plateau drop while the rate is still climbing.
                 step_scheduler(cfg, scheduler, score)
             progress.update(score)
-            rank_zero(MetricLogger.log_epoch, logger, epoch, metrics)
+            rank_zero(RunMetrics.log, logger, "epoch", epoch, metrics)
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = rank_zero(_checkpoint, tmp, net, optimizer, scheduler, epoch, progress,
                                  loop_config["run_id"], info, cfg, confusion)
@@ -508,8 +510,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if progress.should_stop(cfg.optim.early_stop_patience):
                 break
     finally:
+        rank_zero(RunMetrics.close, logger)
         if monitor is not None:
-            monitor.finish()
+            try:
+                monitor.finish()
+            except Exception:  # noqa: BLE001 - system metrics are a side channel
+                pass
 
 
 def _checkpoint(tmp: str, *args):
