@@ -4,6 +4,7 @@
     python workflow.py preprocess --source data/sample --out data/sample-shards
     python workflow.py verify --data data/sample-shards
     python workflow.py train --data data/sample-shards --workers 2 --epochs 2
+    python workflow.py register --run checkpoints/alexnet   # when train exited with status 3
     python workflow.py batch-infer --model models:/alexnet@champion --input data/sample/val
     python workflow.py predict cat.jpg [--model models:/alexnet@champion]
     python workflow.py info --variant paper --groups 2
@@ -73,6 +74,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         cfg = C.load(C.TrainConfig, args)
     summary = run_train(cfg)
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from pipelines.train import run_register
+
+    summary = run_register(args.run)
     print(json.dumps(summary, indent=1, default=str))
     return 0
 
@@ -156,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     C.add_arguments(p, C.TrainConfig)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("register", help="finish a training run whose end could not reach "
+                       "MLflow: send its metrics, log and register its best checkpoint")
+    p.add_argument("--run", required=True, metavar="STORAGE/NAME",
+                   help="the run's checkpoint directory, as `train` printed it")
+    p.set_defaults(func=cmd_register)
+
     p = sub.add_parser("batch-infer", help="run a registered model over many images",
                        conflict_handler="resolve")
     C.add_arguments(p, C.InferConfig)
@@ -196,9 +211,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines.train import TrackingPending
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except TrackingPending as exc:  # the work is done and safe; only tracking is behind
+        print(f"tracking pending: {exc}", file=sys.stderr)
+        return TrackingPending.exit_status
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -135,6 +135,11 @@ class TrackingSection:
     experiment: str = opt("alexnet", "MLflow experiment name")
     registered_model: str = opt("alexnet", "Model Registry name to register the model under")
     register: bool = opt(True, "log, register and (if better) promote the model at the end")
+    retry_minutes: float = opt(10.0, "at the end of training, keep retrying an unreachable "
+                               "MLflow this long; then exit with status 3 and finish later "
+                               "with `workflow.py register --run STORAGE/NAME`")
+    allow_class_change: bool = opt(False, "let a model with another class index replace the "
+                                   "champion (otherwise it stays challenger)")
 
 
 @dataclass

@@ -8,61 +8,251 @@
   `top_confusions`) and a grid of augmented training crops (`image_grid`).
 - Registered model `alexnet` by default; alias `champion` moves to a new version only when its
   validation top-1 error (tag `val_top1_error` on the version) beats the champion's; the loser
-  of the comparison gets alias `challenger`.
+  of the comparison gets alias `challenger` (see `promote` for the like-with-like rules).
+- A local sqlite store is created and migrated under a file lock (`init_store`), and the
+  champion's compare-and-set runs under the same lock (`store_lock`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
+import math
 import os
+import time
+from pathlib import Path
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 CHAMPION, CHALLENGER = "champion", "challenger"
-METRIC_TAG = "val_top1_error"
+METRIC_TAG, LOSS_TAG, CLASSES_TAG = "val_top1_error", "train_loss", "classes_sha256"
+RUN_TAG, EPOCH_TAG = "source_run_id", "checkpoint_epoch"
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` URI (relative to the working directory when it
+    is not absolute), else None."""
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix):]).resolve() if uri.startswith(prefix) else None
+
+
+@contextlib.contextmanager
+def store_lock(uri: str):
+    """An exclusive lock for read-decide-write steps on a local sqlite store (a file lock
+    `DB.lock` beside the database, held by one process at a time); a no-op for a server,
+    which `promote` verifies by reading back instead."""
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # blocks until the other process is done
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# Errors of two processes creating or migrating one new sqlite store at the same moment
+# (alembic's version row, tables created twice) and of a busy database. All pass when
+# retried once the other process is done.
+_STORE_RACES = ("alembic_version", "already exists", "database is locked",
+                "Online migration expected", "UNIQUE constraint failed: experiments")
+
+
+def retry_store_races(fn, attempts: int = 8, first_wait: float = 0.2):
+    """Call fn(); retry the known sqlite creation/migration/lock races with backoff."""
+    wait = first_wait
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - only the known races are retried
+            if attempt == attempts - 1 or not any(t in str(exc) for t in _STORE_RACES):
+                raise
+        time.sleep(wait)
+        wait = min(wait * 2, 5.0)
+    return None
+
+
+def init_store(uri: str, wait_s: float = 120.0) -> None:
+    """Make a local sqlite store ready without ever migrating it concurrently.
+
+    A new store is created and migrated under another name and then linked into place in
+    one step (`os.link` fails if the name exists), so no other process ever sees it half
+    made. Among this project's processes the file lock serialises this. A store that
+    exists but is not yet at MLflow's schema head (an outside process such as `mlflow ui`
+    is creating it right now) is waited for, not migrated a second time; two migrations of
+    one sqlite file at once are what leave MLflow's alembic errors and half-added columns
+    behind. What still races (a reader holding the database busy) is retried."""
+    db = sqlite_path(uri)
+    if db is None:
+        return
+    from mlflow import MlflowClient
+
+    def open_store():
+        try:
+            return MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as exc:
+            if "_alembic_tmp_" in str(exc):
+                _drop_alembic_leftovers(db)
+            raise
+
+    with store_lock(uri):
+        if not db.exists():
+            tmp = db.with_name(f".{db.name}.creating-{os.getpid()}")
+            tmp_uri = f"sqlite:///{tmp}"
+            try:
+                client = MlflowClient(tmp_uri, registry_uri=tmp_uri)
+                client.search_experiments(max_results=1)
+                client.search_registered_models(max_results=1)
+                try:
+                    os.link(tmp, db)
+                except FileExistsError:  # an outside process made one meanwhile: use it
+                    pass
+            finally:
+                tmp.unlink(missing_ok=True)
+        _wait_for_schema_head(db, wait_s)
+        retry_store_races(open_store)
+
+
+def _wait_for_schema_head(db: Path, wait_s: float) -> None:
+    """Poll (read-only) until the store's alembic version is MLflow's head revision, or
+    `wait_s` passes (an old store that needs `mlflow db upgrade` then gets MLflow's own
+    message when it is opened)."""
+    import sqlite3
+
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    head, deadline = _get_latest_schema_revision(), time.monotonic() + wait_s
+    while True:
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True,
+                                                    timeout=5)) as conn:
+                row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+            if row and row[0] == head:
+                return
+        except sqlite3.Error:  # no table yet (being created) or busy
+            pass
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.25)
+
+
+def _drop_alembic_leftovers(db: Path) -> None:
+    """Drop the scratch tables (`_alembic_tmp_<table>`) that an outside process killed or
+    crashed in the middle of a batch migration leaves behind: while one exists every later
+    migration of the store fails with "table _alembic_tmp_... already exists". They hold
+    nothing of value: alembic copies a table into one and renames it back at the end."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
+        names = [n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type = "
+                                            "'table' AND name LIKE '\\_alembic\\_tmp\\_%' "
+                                            "ESCAPE '\\'")]
+        for name in names:
+            conn.execute(f'DROP TABLE IF EXISTS "{name}"')
+        conn.commit()
+
+
 def setup_mlflow() -> str:
-    """Point MLflow at the workflow's tracking URI (and the registry at the same store)."""
+    """Point MLflow at the workflow's tracking URI (and the registry at the same store);
+    a local sqlite store is initialised first (`init_store`)."""
     import mlflow
 
     uri = tracking_uri()
+    init_store(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
 
 
-def logged_steps(client, run_id: str, key: str) -> set[int]:
-    """Steps already logged for `key`: a restarted worker group skips them, so every epoch
-    appears once in the history even when an epoch was logged but not yet checkpointed."""
-    return {m.step for m in client.get_metric_history(run_id, key)}
+def classes_digest(classes: list[dict]) -> str:
+    """A short fingerprint of a class index (wnids in order): versions with different ones
+    answer different questions and are never compared."""
+    text = "\n".join(c["wnid"] for c in classes)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def promote(client, name: str, version: str, val_top1_error: float) -> dict:
-    """Tag the version with its error and move `champion` to it if it beats the current one.
-    Returns what happened, e.g. {"version": "3", "alias": "champion", "previous": "2"}."""
+def _score_of(version) -> tuple[int, float]:
+    """(0, val error) for a version with a val error, (1, train loss) without: a version
+    measured on val always ranks ahead of one that is not, and like is compared with like."""
+    if METRIC_TAG in version.tags:
+        return 0, float(version.tags[METRIC_TAG])
+    if LOSS_TAG in version.tags:
+        return 1, float(version.tags[LOSS_TAG])
+    return 2, math.inf
+
+
+def promote(client, name: str, version, val_top1_error: float | None,
+            train_loss: float | None = None, classes_sha: str | None = None,
+            allow_class_change: bool = False, uri: str | None = None) -> dict:
+    """Tag the version with its score and move `champion` to it if it beats the current
+    champion; the loser gets `challenger`. Returns what happened, e.g. {"version": 3,
+    "alias": "champion", "previous": 2}.
+
+    Like with like: a version's score is its val top-1 error, or its train loss when it had
+    no val split, and one without a val error never displaces one that has it. A champion
+    with another class index is not replaced unless `allow_class_change`. Compare-and-set:
+    on a sqlite store the read-decide-write runs under the store's file lock; on a server
+    the champion is read back after the move and the decision redone if another job moved it
+    in between."""
     from mlflow.exceptions import MlflowException
 
-    client.set_model_version_tag(name, version, METRIC_TAG, f"{val_top1_error:.6f}")
-    try:
-        current = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        current = None
-    if current is None or str(current.version) == str(version):
-        client.set_registered_model_alias(name, CHAMPION, version)
+    if val_top1_error is not None:
+        client.set_model_version_tag(name, version, METRIC_TAG, f"{val_top1_error:.6f}")
+    if train_loss is not None:
+        client.set_model_version_tag(name, version, LOSS_TAG, f"{train_loss:.6f}")
+    if classes_sha:
+        client.set_model_version_tag(name, version, CLASSES_TAG, classes_sha)
+    ours = client.get_model_version(name, version)
+    with store_lock(uri or tracking_uri()):
+        for _ in range(5):
+            try:
+                current = client.get_model_version_by_alias(name, CHAMPION)
+            except MlflowException:
+                current = None
+            outcome = _decide(ours, current, allow_class_change)
+            if outcome["alias"] == CHAMPION:
+                client.set_registered_model_alias(name, CHAMPION, ours.version)
+                if current is not None and str(current.version) != str(ours.version):
+                    client.set_registered_model_alias(name, CHALLENGER, current.version)
+            else:
+                client.set_registered_model_alias(name, CHALLENGER, ours.version)
+            now = client.get_model_version_by_alias(name, CHAMPION)
+            expected = ours.version if outcome["alias"] == CHAMPION else current.version
+            if str(now.version) == str(expected):
+                return outcome
+    return outcome
+
+
+def _decide(ours, current, allow_class_change: bool) -> dict:
+    version = int(ours.version)
+    if current is None or str(current.version) == str(ours.version):
         return {"version": version, "alias": CHAMPION, "previous": None}
-    current_err = float(current.tags.get(METRIC_TAG, "inf"))
-    if val_top1_error < current_err:
-        client.set_registered_model_alias(name, CHAMPION, version)
-        client.set_registered_model_alias(name, CHALLENGER, current.version)
-        return {"version": version, "alias": CHAMPION, "previous": current.version,
-                "previous_error": current_err}
-    client.set_registered_model_alias(name, CHALLENGER, version)
-    return {"version": version, "alias": CHALLENGER, "champion": current.version,
-            "champion_error": current_err}
+    champ = {"champion": int(current.version)}
+    theirs, mine = current.tags.get(CLASSES_TAG), ours.tags.get(CLASSES_TAG)
+    if theirs and mine and theirs != mine and not allow_class_change:
+        return {"version": version, "alias": CHALLENGER, **champ,
+                "reason": "another class index than the champion's (--allow-class-change "
+                          "to replace it anyway)"}
+    (their_kind, their_score), (my_kind, my_score) = _score_of(current), _score_of(ours)
+    if (my_kind, my_score) < (their_kind, their_score):
+        out = {"version": version, "alias": CHAMPION, "previous": int(current.version)}
+        if their_kind == 0:
+            out["previous_error"] = their_score
+        return out
+    out = {"version": version, "alias": CHALLENGER, **champ}
+    if their_kind == 0:
+        out["champion_error"] = their_score
+    if my_kind > their_kind:
+        out["reason"] = "no val error, and the champion has one"
+    return out
 
 
 def git_commit(root: str | os.PathLike) -> dict[str, str]:

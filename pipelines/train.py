@@ -12,14 +12,17 @@ model. The loop every worker runs is in `pipelines/train_loop.py`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from pipelines import config as C
 from pipelines import tracking
@@ -37,6 +40,7 @@ class TrainError(RuntimeError):
 # --resume and restarts) and the config the run was (last) launched with.
 RUN_ID_FILE = "mlflow_run_id"
 RUN_CONFIG_FILE = "train_config.yaml"
+CLAIM_FILE = ".claimed"  # created exclusively by the one job that owns STORAGE/NAME
 
 
 def _abs_tracking_uri(uri: str) -> str:
@@ -100,10 +104,19 @@ def resolve_run(cfg: C.TrainConfig, fs, root: str) -> str:
                  if _exists(fs, f"{i.path}/{RUN_ID_FILE}")]
         raise TrainError(f"--resume: no run {cfg.run.name!r} in {cfg.run.storage}; runs "
                          f"there: {sorted(found)}")
-    if not cfg.run.resume and exists:
+    if not cfg.run.resume:
         # Ray Train would silently resume a run whose name and storage are reused: a new
-        # training gets a new name instead.
-        cfg.run.name = f"{cfg.run.name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        # training gets a new name instead, claimed atomically (two jobs started together
+        # with one --name get two names).
+        base, stamp = cfg.run.name, dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        candidates = [base, f"{base}-{stamp}", *(f"{base}-{stamp}-{i}" for i in range(2, 100))]
+        for candidate in candidates:
+            if not _exists(fs, f"{root}/{candidate}/{RUN_ID_FILE}") and \
+                    _claim_name(fs, root, candidate):
+                cfg.run.name = candidate
+                break
+        else:
+            raise TrainError(f"no free run name for {base!r} in {cfg.run.storage}")
     return cfg.run.name
 
 
@@ -173,22 +186,49 @@ def signature_and_example(info: dict):
     return sig, example
 
 
-def log_and_register(bundle_dir: str, cfg: C.TrainConfig, val_error: float) -> dict:
-    """Log the bundle as an MLflow pyfunc model (models from code) and register it; move
-    alias `champion` only when it beats the current champion."""
+def registered_version(client, name: str, run_id: str, epoch: int | None):
+    """The version of model `name` already registered from `run_id`'s checkpoint of
+    `epoch`, or None: `register` and `--resume` with no new best epoch register once."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:  # no such registered model yet
+        return None
+    for v in versions:
+        if v.tags.get(tracking.RUN_TAG) == run_id and v.tags.get(tracking.EPOCH_TAG) == str(epoch):
+            return v
+    return None
+
+
+def log_and_register(bundle_dir: str, cfg: C.TrainConfig, val_error: float | None,
+                     train_loss: float | None = None, run_id: str | None = None,
+                     epoch: int | None = None) -> dict:
+    """Log the bundle as an MLflow pyfunc model (models from code) in the active run and
+    register it; move alias `champion` only when it beats the current champion
+    (`tracking.promote`). A checkpoint (run, epoch) already registered is not registered
+    again: its version is returned with `"already_registered": True`."""
     import mlflow
     from mlflow import MlflowClient
 
     from pipelines.model_package import INFERENCE, WEIGHTS, load_info
 
+    client, name = MlflowClient(), cfg.tracking.registered_model
+    if run_id is not None and epoch is not None:
+        done = registered_version(client, name, run_id, epoch)
+        if done is not None:
+            aliases = sorted(getattr(done, "aliases", []) or [])
+            return {"model_uri": f"models:/{name}/{done.version}", "name": name,
+                    "version": int(done.version), "alias": ",".join(aliases) or None,
+                    "already_registered": True}
     info = load_info(bundle_dir)
     sig, example = signature_and_example(info)
     with tempfile.TemporaryDirectory() as tmp:
         # Only what inference needs travels: not the optimiser state of the checkpoint.
         bundle = Path(tmp) / "bundle"
         bundle.mkdir()
-        for name in (WEIGHTS, INFERENCE):
-            shutil.copy2(Path(bundle_dir) / name, bundle / name)
+        for fname in (WEIGHTS, INFERENCE):
+            shutil.copy2(Path(bundle_dir) / fname, bundle / fname)
         model_info = mlflow.pyfunc.log_model(
             name="model", python_model=str(ROOT / "pipelines" / "pyfunc_model.py"),
             artifacts={"bundle": str(bundle)},
@@ -196,11 +236,16 @@ def log_and_register(bundle_dir: str, cfg: C.TrainConfig, val_error: float) -> d
             signature=sig, input_example=example,
             metadata={"variant": info["variant"], "input_size": info["input_size"],
                       "num_classes": info["num_classes"]})
-    version = mlflow.register_model(model_info.model_uri, cfg.tracking.registered_model)
-    outcome = tracking.promote(MlflowClient(), cfg.tracking.registered_model, version.version,
-                               val_error)
-    return {"model_uri": model_info.model_uri, "name": cfg.tracking.registered_model,
-            **outcome}
+    version = mlflow.register_model(model_info.model_uri, name)
+    if run_id is not None:
+        client.set_model_version_tag(name, version.version, tracking.RUN_TAG, run_id)
+    if epoch is not None:
+        client.set_model_version_tag(name, version.version, tracking.EPOCH_TAG, str(epoch))
+    outcome = tracking.promote(client, name, version.version, val_error, train_loss,
+                               tracking.classes_digest(info["classes"]),
+                               cfg.tracking.allow_class_change)
+    return {"model_uri": f"models:/{name}/{int(version.version)}",
+            "logged_model_uri": model_info.model_uri, "name": name, **outcome}
 
 
 def _cluster_tags(cfg: C.TrainConfig) -> dict[str, str]:
@@ -260,6 +305,54 @@ def _log_confusion(ckpt_dir: str, classes: list[dict]) -> list[str]:
     return ["val_confusion.png", "val_top_confusions.json"]
 
 
+def _claim_name(fs, root: str, name: str) -> bool:
+    """Claim STORAGE/NAME for a new run: True if this process got it. On a local or mounted
+    filesystem the claim is an exclusive create (O_EXCL), so two jobs started together with
+    the same --name cannot both win; object stores have no such primitive and fall back to
+    checking for an existing run."""
+    import pyarrow.fs as pafs
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        Path(root, name).mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(Path(root, name, CLAIM_FILE), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        return True
+    return not _exists(fs, f"{root}/{name}/{RUN_ID_FILE}")
+
+
+def _start_tracking(cfg: C.TrainConfig, fs, run_dir: str, name: str, digest: str):
+    """The one place where an unreachable MLflow stops the job: set the experiment and open
+    (or reopen, on --resume) the run, before any worker starts. Returns (uri, run)."""
+    import mlflow
+
+    uri = _abs_tracking_uri(tracking.tracking_uri())
+    try:
+        tracking.setup_mlflow()
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(cfg.tracking.experiment)
+        run_id = read_text(fs, f"{run_dir}/{RUN_ID_FILE}").strip() if cfg.run.resume else None
+        if run_id:
+            started_on = mlflow.MlflowClient().get_run(run_id).data.tags.get(
+                "dataset.manifest_sha256")
+            if started_on and started_on != digest:
+                raise TrainError(f"--resume {name}: the run started on dataset "
+                                 f"{started_on[:12]}, {cfg.data.data} is now {digest[:12]}; "
+                                 "resume with the same data or start a new run")
+        # System metrics (CPU, memory, disk, network, GPU) of the driver's node; the workers
+        # on other nodes log theirs under system/node<N>/ (see train_loop._node_monitor).
+        return uri, mlflow.start_run(run_id=run_id, run_name=None if run_id else name,
+                                     log_system_metrics=True)
+    except TrainError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any tracking failure here is the user's to fix
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise TrainError(f"MLflow at {uri} cannot start the run ({first}); start the "
+                         "server or set MLFLOW_TRACKING_URI, then run the same command "
+                         "again") from None
+
+
 def run_train(cfg: C.TrainConfig) -> dict:
     """Train, then log + register the best checkpoint; returns a summary (also printed)."""
     import mlflow
@@ -276,28 +369,15 @@ def run_train(cfg: C.TrainConfig) -> dict:
         cfg.run.storage = root
     name = resolve_run(cfg, fs, root)
     run_dir = f"{root}/{name}"
+    print(f"run {name}: checkpoints and metrics journal in {cfg.run.storage.rstrip('/')}/{name}",
+          flush=True)
 
-    uri = _abs_tracking_uri(tracking.setup_mlflow())
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(cfg.tracking.experiment)
-    run_id = read_text(fs, f"{run_dir}/{RUN_ID_FILE}").strip() if cfg.run.resume else None
-    if run_id:
-        started_on = mlflow.MlflowClient().get_run(run_id).data.tags.get(
-            "dataset.manifest_sha256")
-        if started_on and started_on != digest:
-            raise TrainError(f"--resume {name}: the run started on dataset {started_on[:12]}, "
-                             f"{cfg.data.data} is now {digest[:12]}; resume with the same "
-                             "data or start a new run")
-    init_ray(log_to_driver=True)
-    # System metrics (CPU, memory, disk, network, GPU) of the driver's node; the workers on
-    # other nodes log theirs under system/node<N>/ (see train_loop._node_monitor).
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else name,
-                           log_system_metrics=True)
+    uri, run = _start_tracking(cfg, fs, run_dir, name, digest)
     run_id = run.info.run_id
     write_text(fs, f"{run_dir}/{RUN_ID_FILE}", run_id)
     write_text(fs, f"{run_dir}/{RUN_CONFIG_FILE}", C.to_yaml(cfg))
-    status = "FAILED"
     try:
+        init_ray(log_to_driver=True)
         tags = {"dataset.manifest_sha256": digest, "ray.run_name": name,
                 "checkpoints": f"{cfg.run.storage.rstrip('/')}/{name}"
                 if "://" in cfg.run.storage else run_dir,
@@ -328,24 +408,137 @@ def run_train(cfg: C.TrainConfig) -> dict:
                                                    checkpoint_score_attribute="score",
                                                    checkpoint_score_order="min")))
         result = trainer.fit()
-        if not result.best_checkpoints:
-            raise TrainError(f"run {name} reported no checkpoint (nothing left to train? "
-                             f"--epochs {cfg.run.epochs})")
-        best_ckpt, best_metrics = min(result.best_checkpoints, key=lambda cm: cm[1]["score"])
-        summary = {"run_id": run_id, "run_name": name, "tracking_uri": uri,
-                   "checkpoint": best_ckpt.path, "best_epoch": best_metrics["epoch"],
-                   "val_top1_error": best_metrics.get("val_top1_error"),
-                   "val_top5_error": best_metrics.get("val_top5_error"),
-                   "epochs_run": (result.metrics or {}).get("epoch", -1) + 1,
-                   "artifacts": logged["artifacts"]}
-        mlflow.log_metrics({"best_val_top1_error": best_metrics.get("val_top1_error", np.nan),
-                            "best_epoch": best_metrics["epoch"]})
-        with best_ckpt.as_directory() as d:
-            summary["artifacts"] += _log_confusion(d, manifest["classes"])
-            if cfg.tracking.register:
-                summary["registered"] = log_and_register(
-                    d, cfg, best_metrics.get("val_top1_error", best_metrics["score"]))
-        status = "FINISHED"
-        return summary
-    finally:
+        epochs_run = (result.metrics or {}).get("epoch", -1) + 1
+    except BaseException:
+        _end_run_quietly("FAILED")
+        raise
+    summary = finish_run(cfg, fs, run_dir, run_id, uri, manifest["classes"],
+                         cfg.tracking.retry_minutes * 60)
+    summary.update({"epochs_run": epochs_run,
+                    "artifacts": logged["artifacts"] + summary["artifacts"]})
+    return summary
+
+
+def _end_run_quietly(status: str) -> None:
+    import mlflow
+
+    try:
         mlflow.end_run(status)
+    except Exception:  # noqa: BLE001 - the run's status is a side channel
+        pass
+
+
+class TrackingPending(RuntimeError):
+    """Training finished and its checkpoints are safe, but MLflow did not answer in time:
+    the run's metrics, model and aliases wait for `workflow.py register --run`."""
+
+    exit_status = 3
+
+
+def _checkpoints(fs, run_dir: str) -> dict[int, str]:
+    """{epoch: path} of the checkpoints Ray Train kept under STORAGE/NAME."""
+    import pyarrow.fs as pafs
+
+    found = {}
+    for item in fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True)):
+        if item.type == pafs.FileType.Directory and item.base_name.startswith("checkpoint_"):
+            path = f"{item.path}/inference.json"
+            if _exists(fs, path):
+                found[int(json.loads(read_text(fs, path))["epoch"])] = item.path
+    return found
+
+
+def best_checkpoint(fs, run_dir: str, epochs: dict[int, dict]) -> tuple[int, str]:
+    """(epoch, path) of the kept checkpoint with the best score in the journal; ties go to
+    the earlier epoch, as early stopping counts them."""
+    kept = {e: p for e, p in _checkpoints(fs, run_dir).items() if "score" in epochs.get(e, {})}
+    if not kept:
+        raise TrainError(f"{run_dir} holds no checkpoint with journalled metrics: nothing "
+                         "to register (did the run train an epoch?)")
+    epoch = min(kept, key=lambda e: (epochs[e]["score"], e))
+    return epoch, kept[epoch]
+
+
+def finish_run(cfg: C.TrainConfig, fs, run_dir: str, run_id: str, uri: str,
+               classes: list[dict], deadline_s: float) -> dict:
+    """The end of a run, shared by `train` and `register --run`: send the journal's pending
+    metrics, log the best epoch and its confusion matrix, log + register the best checkpoint
+    (once: a checkpoint already registered is not registered again) and end the MLflow run
+    as FINISHED. MLflow failures are retried for `deadline_s` seconds; then TrackingPending
+    says the checkpoints are safe and how to finish."""
+    import mlflow
+    from ray.train import Checkpoint
+
+    from pipelines.journal import (
+        JOURNAL,
+        SENDER_HTTP_ENV,
+        MetricJournal,
+        TrackingUnavailable,
+        drain,
+        retry,
+    )
+
+    journal = MetricJournal(fs, f"{run_dir}/{JOURNAL}")
+    epochs = {r["step"]: r["metrics"] for r in journal.records() if r["key"] == "epoch"}
+    epoch, path = best_checkpoint(fs, run_dir, epochs)
+    best = epochs[epoch]
+    summary = {"run_id": run_id, "run_name": run_dir.rsplit("/", 1)[1], "tracking_uri": uri,
+               "checkpoint": path, "best_epoch": epoch,
+               "val_top1_error": best.get("val_top1_error"),
+               "val_top5_error": best.get("val_top5_error"), "artifacts": []}
+    started = time.monotonic()
+
+    def left() -> float:
+        return max(0.0, deadline_s - (time.monotonic() - started))
+
+    def tracked() -> None:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        active = mlflow.active_run()
+        opened = contextlib.nullcontext() if active and active.info.run_id == run_id else \
+            mlflow.start_run(run_id=run_id, log_system_metrics=False)
+        with opened:
+            mlflow.log_metrics({"best_val_top1_error": best.get("val_top1_error", np.nan),
+                                "best_epoch": epoch})
+            client = mlflow.MlflowClient()
+            with Checkpoint(path, filesystem=fs).as_directory() as d:
+                # Once per best epoch: a retry or a second `register` does not log it again.
+                if client.get_run(run_id).data.tags.get("confusion_epoch") != str(epoch):
+                    summary["artifacts"] += _log_confusion(d, classes)
+                    mlflow.set_tag("confusion_epoch", str(epoch))
+                if cfg.tracking.register:
+                    summary["registered"] = log_and_register(
+                        d, cfg, best.get("val_top1_error"), best.get("train_loss"),
+                        run_id=run_id, epoch=epoch)
+
+    for key, value in SENDER_HTTP_ENV.items():  # short requests: the deadline is ours
+        os.environ.setdefault(key, value)
+    try:
+        drain(journal, uri, run_id, left())
+        retry(tracked, uri, left())
+        _end_run_quietly("FINISHED")
+        retry(lambda: mlflow.MlflowClient(uri).set_terminated(run_id, "FINISHED"), uri,
+              max(left(), 30.0))
+    except TrackingUnavailable as exc:
+        _end_run_quietly("FINISHED")
+        raise TrackingPending(f"{exc}. Training is done and its checkpoints are safe in "
+                              f"{run_dir}; when MLflow is back, finish the run with: python "
+                              f"workflow.py register --run {run_dir}") from None
+    return summary
+
+
+def run_register(run: str, cfg: C.TrainConfig | None = None) -> dict:
+    """`workflow.py register --run STORAGE/NAME`: what the end of `train` does, for a run
+    whose end could not reach MLflow. Idempotent: run twice, it registers once."""
+    fs, run_dir = storage_filesystem(run)
+    if not _exists(fs, f"{run_dir}/{RUN_ID_FILE}"):
+        raise TrainError(f"{run}: not a training run directory (no {RUN_ID_FILE}); give "
+                         "STORAGE/NAME as `train` printed it")
+    run_id = read_text(fs, f"{run_dir}/{RUN_ID_FILE}").strip()
+    if cfg is None:
+        cfg = C.from_dict(C.TrainConfig, yaml.safe_load(read_text(fs,
+                                                                   f"{run_dir}/{RUN_CONFIG_FILE}")))
+    manifest = read_manifest(cfg.data.data)
+    uri = _abs_tracking_uri(tracking.setup_mlflow())
+    return finish_run(cfg, fs, run_dir, run_id, uri, manifest["classes"],
+                      cfg.tracking.retry_minutes * 60)
