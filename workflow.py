@@ -101,6 +101,8 @@ def cmd_batch_infer(args: argparse.Namespace) -> int:
         print(f"  error: {e['path']}: {e['error']}")
     if "label_note" in result:
         print(f"note: {result['label_note']}")
+    if "mlflow_warning" in result:
+        print(f"warning: {result['mlflow_warning']}", file=sys.stderr)
     if "mlflow_run_id" in result:
         print(f"evaluation run {result['mlflow_run_id']} (experiment {cfg.experiment!r})")
     return 0

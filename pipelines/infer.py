@@ -725,10 +725,33 @@ def run_batch_infer(cfg: InferConfig) -> dict:
         result["label_note"] = source["label_note"]
     result["per_class"] = summary.per_class_rows()
     if cfg.log_to_mlflow:
-        result["mlflow_run_id"] = log_evaluation(
-            cfg, refs, {k: v for k, v in result.items() if k != "per_class"},
-            result["per_class"], source)
+        result.update(_log_evaluation_or_keep(cfg, refs, result, source))
     return result
+
+
+def _log_evaluation_or_keep(cfg: InferConfig, refs: list[ModelRef], result: dict,
+                            source: dict) -> dict:
+    """Log the evaluation run; when MLflow cannot take it, the predictions are written all
+    the same: keep the summary beside them (to log later) and return a warning instead of
+    failing a job whose work is done."""
+    from pipelines.journal import SENDER_HTTP_ENV
+
+    summary = {k: v for k, v in result.items() if k != "per_class"}
+    for key, value in SENDER_HTTP_ENV.items():  # short requests: minutes of retries help no one
+        os.environ.setdefault(key, value)
+    try:
+        return {"mlflow_run_id": log_evaluation(cfg, refs, summary, result["per_class"],
+                                                source)}
+    except Exception as exc:  # noqa: BLE001 - tracking is a side channel of a finished job
+        out = Path(cfg.output)
+        kept = out / "summary.json" if out.is_dir() else out.with_name(out.name +
+                                                                        ".summary.json")
+        kept.write_text(json.dumps({**summary, "per_class": result["per_class"]}, indent=1,
+                                   default=str))
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        return {"mlflow_warning": f"the evaluation run could not be logged to MLflow "
+                                  f"({first}); predictions are in {cfg.output} and the "
+                                  f"summary in {kept}, to log later"}
 
 
 PER_CLASS_FIELDS = ["index", "wnid", "name", "images", "top1_correct", "top5_correct",

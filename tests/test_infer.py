@@ -668,3 +668,19 @@ def test_batch_infer_on_its_own_local_ray_uses_every_core(world, tmp_path):
     actors = min(MAX_AUTO_ACTORS, cores)
     assert f"with {actors} model actor(s) x {max(1, cores // actors)} CPU(s))" in proc.stdout
     assert pq.read_table(out).num_rows == CLASSES * 5  # the sample's val images
+
+
+@pytest.mark.slow
+def test_an_unreachable_mlflow_does_not_fail_a_finished_batch_infer(ray_local, world, tmp_path,
+                                                                    monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # refused at once
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    res, table = _infer(tmp_path, world.src / "val", model=str(world.a.bundle),
+                        log_to_mlflow=True)
+    assert table.num_rows == res["images"] == 20 and "mlflow_run_id" not in res
+    kept = tmp_path / "p.parquet.summary.json"
+    assert res["mlflow_warning"].startswith("the evaluation run could not be logged to MLflow")
+    assert res["mlflow_warning"].endswith(f"predictions are in {tmp_path / 'p.parquet'} and "
+                                          f"the summary in {kept}, to log later")
+    saved = json.loads(kept.read_text())
+    assert saved["images"] == 20 and "per_class" in saved
