@@ -111,7 +111,8 @@ def cmd_batch_infer(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from pipelines.predict import format_predictions, predict_files
 
-    results = predict_files(args.images, args.model, ten_crop=args.ten_crop, top=args.top)
+    results = predict_files(args.images, args.model, ten_crop=args.ten_crop, top=args.top,
+                            amp=args.amp)
     models = ", ".join(m["uri"] + (f" (version {m['version']})" if m["version"] else "")
                        for m in results[0]["models"])
     print(f"model: {models}")
@@ -184,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flag(p)
     p.add_argument("--ten-crop", action="store_true", help="average the ten crops' softmax")
     p.add_argument("--top", type=int, default=5, help="classes to print per image (default 5)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast + channels_last where the CPU has native bf16 "
+                        "(AVX512_BF16/AMX); fp32 elsewhere or with --no-amp (default on)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("info", help="layer table of an AlexNet variant")

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from alexnet.lrn import LocalResponseNorm
+
 __all__ = [
     "INPUT_SIZE",
     "PAPER_INIT_BIAS",
@@ -55,8 +57,10 @@ _LRN_BETA = 0.75
 _LRN_K = 2.0
 
 
-def _lrn() -> nn.LocalResponseNorm:
-    return nn.LocalResponseNorm(_LRN_SIZE, alpha=_LRN_ALPHA * _LRN_SIZE, beta=_LRN_BETA, k=_LRN_K)
+def _lrn() -> LocalResponseNorm:
+    # alexnet.lrn's fused LRN: nn.LocalResponseNorm's semantics and (empty) state dict, with
+    # an analytic backward, 2-3x faster on CPU; it also takes bf16 inputs (sums in fp32).
+    return LocalResponseNorm(_LRN_SIZE, alpha=_LRN_ALPHA * _LRN_SIZE, beta=_LRN_BETA, k=_LRN_K)
 
 
 def init_paper_(model: nn.Module, std: float = 0.01, bias: float = 1.0) -> nn.Module:

@@ -240,6 +240,18 @@ def decode_crop_batch(datas: list[torch.Tensor], boxes: torch.Tensor, ok: torch.
     device = torch.device(device)
     ok = ok.clone()
     idx = [i for i in range(len(datas)) if ok[i]]
+    if device.type == "cuda":
+        # decode_jpeg(device="cuda") allocates its outputs on the caller's (current) stream
+        # but nvJPEG writes them from a private stream, with no event between the two
+        # (pytorch/vision PR #9606). Without a sync the caching allocator can hand a block
+        # freed by the previous step back to the decoder while kernels queued on the current
+        # stream are still reading it, and batches are silently corrupted. Fix chosen: wait
+        # for the current stream before each batch decode (kept the nvJPEG decoder; no
+        # race-free GPU decoder to move to). Cost: the CPU waits here for the previous
+        # step's kernels, so the decode of each batch runs after that step instead of beside
+        # it: each step pays its nvJPEG decode time serially (not measured: no GPU was lent
+        # to the session that made this change).
+        torch.cuda.current_stream(device).synchronize()
     try:
         images = decode_jpeg([datas[i] for i in idx], mode=ImageReadMode.RGB, device=device) \
             if idx else []

@@ -241,12 +241,14 @@ class Ensemble:
         self.classes = self.infos[0]["classes"]
         self.geometries = sorted({geometry(i) for i in self.infos})
         self.member_geometry = [self.geometries.index(geometry(i)) for i in self.infos]
-        # bf16 autocast where the GPU has it (its range is fp32's, so LRN's sums of squares
-        # cannot overflow as they could in fp16); AMP is for GPUs only.
-        self.amp_dtype = None
-        if amp and self.device.type == "cuda":
-            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if self.device.type == "cuda":
+        # bf16 autocast + channels_last on GPUs and on CPUs with native bf16 (fp16 on GPUs
+        # without bf16), fp32 elsewhere: pipelines.precision decides, as for training. bf16's
+        # range is fp32's, and alexnet.lrn sums LRN's squares in fp32.
+        from pipelines import precision
+
+        self.amp_dtype = precision.amp_dtype(self.device, amp, inference=True)
+        self.channels_last = self.amp_dtype is not None
+        if self.channels_last:
             self.members = [(m.to(memory_format=torch.channels_last), i) for m, i in self.members]
 
     def crops(self, rgb: np.ndarray, ten_crop: bool) -> list[np.ndarray]:
@@ -270,7 +272,7 @@ class Ensemble:
                 inp = to_input(flat, info, self.device)
                 if self.amp_dtype is not None:
                     inp = inp.contiguous(memory_format=torch.channels_last)
-                    with torch.autocast("cuda", dtype=self.amp_dtype):
+                    with torch.autocast(self.device.type, dtype=self.amp_dtype):
                         logits = model(inp)
                 else:
                     logits = model(inp)
@@ -288,7 +290,7 @@ def topk(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def predict_files(paths: list[str], models: list[str] | str | None = None,
-                  ten_crop: bool = False, top: int = 5) -> list[dict]:
+                  ten_crop: bool = False, top: int = 5, amp: bool = True) -> list[dict]:
     """Top-k classes of each image file, one process, no Ray (the C seed's single-image
     inference). Returns one dict per path: {path, top: [{index, wnid, name, prob}]} or
     {path, error}; a file that does not decode is an entry with `error`, not an exception."""
@@ -298,7 +300,7 @@ def predict_files(paths: list[str], models: list[str] | str | None = None,
 
     with tempfile.TemporaryDirectory(prefix="alexnet-predict-") as tmp:
         refs = resolve_models(models or [DEFAULT_MODEL], tmp)
-        ensemble = Ensemble([r.bundle for r in refs])  # weights are in memory after this
+        ensemble = Ensemble([r.bundle for r in refs], amp=amp)  # weights in memory now
     results: list[dict] = []
     for path in paths:
         try:

@@ -30,6 +30,7 @@ from alexnet import build_model
 from alexnet.augment import normalize, pca_lighting
 from alexnet.metrics import ErrorMeter, topk_correct
 from pipelines import config as C
+from pipelines import precision
 from pipelines.ingest import decode_crop_batch, make_loader
 from pipelines.model_package import save_bundle
 from pipelines.shards import read_manifest, split_readers
@@ -418,8 +419,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = build_model(cfg.model.variant, num_classes, groups=cfg.model.groups,
                         dropout=cfg.model.dropout, init=cfg.model.init,
                         init_bias=cfg.model.init_bias)
-    if on_gpu:
-        model = model.to(memory_format=torch.channels_last)
+    model = precision.prepare_model(model, device, cfg.run.amp, cfg.run.compile)
     model = ray.train.torch.prepare_model(model)
     net = unwrap(model)  # the one name for the bare module: eval, checkpoints, export
 
@@ -456,7 +456,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                              cfg.optim.batch_size, rank, world, cfg.run.seed,
                              cfg.data.loader_workers, on_gpu) if has_val else None
     pca = {"alphastd": cfg.data.pca_alphastd} if cfg.data.pca_alphastd > 0 else None
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu and cfg.run.amp)
+    amp = precision.autocast(device, cfg.run.amp)  # bf16 on GPU and native-bf16 CPUs
     to_device = DeviceBatches(device, cfg.data.crop, cfg.data.decode_on_gpu)
     warmup = Warmup(cfg.optim.warmup_epochs, len(train_loader))
     chaos = Chaos.from_config(loop_config.get("chaos"))

@@ -447,8 +447,10 @@ def test_ten_crop_is_the_mean_of_the_ten_crops_softmax(ray_local, world, trained
     for p in world.val[:3]:
         (imgs / p.name).write_bytes(p.read_bytes())
     # The trained model: its crops disagree enough to tell ten-crop from the centre crop.
-    _, ten = _infer(tmp_path, imgs, "ten.parquet", model=str(trained.bundle), ten_crop=True)
-    _, centre = _infer(tmp_path, imgs, "centre.parquet", model=str(trained.bundle))
+    # fp32 (amp=False): compared with predict_proba's fp32 at 1e-6 (bf16: test below).
+    _, ten = _infer(tmp_path, imgs, "ten.parquet", model=str(trained.bundle), ten_crop=True,
+                    amp=False)
+    _, centre = _infer(tmp_path, imgs, "centre.parquet", model=str(trained.bundle), amp=False)
     model, info = load_bundle(trained.bundle)
     got, centre_probs = _full_probs(ten), _full_probs(centre)
     for p in sorted(imgs.iterdir()):
@@ -565,6 +567,26 @@ def test_accuracy_on_known_labels_and_the_evaluation_run(ray_local, world, train
     assert any(m.key == "top1_accuracy" and m.run_id == run.info.run_id
                for m in logged.metrics)
     assert [i.model_id for i in run.inputs.model_inputs] == [logged.model_id]
+
+
+def test_cpu_bf16_agrees_with_fp32(world, trained):
+    """--amp on a CPU with native bf16: bf16 autocast + channels_last; the trained model's
+    probabilities stay close to fp32's and its top-1 agrees. Elsewhere --amp is fp32."""
+    from pipelines.decode import decode_rgb
+    from pipelines.precision import cpu_has_native_bf16
+    from pipelines.predict import Ensemble
+
+    fp32 = Ensemble([str(trained.bundle)], amp=False)
+    bf16 = Ensemble([str(trained.bundle)], amp=True)
+    assert fp32.amp_dtype is None
+    if not cpu_has_native_bf16():
+        assert bf16.amp_dtype is None and not bf16.channels_last
+        return
+    assert bf16.amp_dtype == torch.bfloat16 and bf16.channels_last
+    crops = [np.stack([fp32.crops(decode_rgb(p.read_bytes()), False)[0] for p in world.val])]
+    p32, p16 = fp32.predict(crops), bf16.predict(crops)
+    np.testing.assert_allclose(p16, p32, atol=3e-2)
+    assert (p16.argmax(1) == p32.argmax(1)).mean() >= 0.9
 
 
 # --------------------------------------------------------------------------- GPU
