@@ -132,22 +132,31 @@ def test_a_tracking_outage_with_a_worker_killed_during_it(small_shards, server, 
     during = time.monotonic() - down_at
     time.sleep(max(0.0, 60 - (time.monotonic() - down_at)))
     server.start()
+    back_at, client = time.monotonic(), MlflowClient(server.uri)
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    while len(_epochs(client, run_id)) < 8 and proc.poll() is None:
+        time.sleep(0.5)
+    backfill = time.monotonic() - back_at
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-4000:]
     assert marker.is_file()  # the worker really was killed during the outage
     journal = _journal(run_dir)
     epochs = [r["step"] for r in journal if r["key"] == "epoch"]
     assert epochs == list(range(8))  # each epoch once, in order
-    client = MlflowClient(server.uri)
-    run_id = (run_dir / "mlflow_run_id").read_text().strip()
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     for key in ("train_loss", "val_top1_error", "lr", "epoch_seconds"):
         assert _epochs(client, run_id, key) == list(range(8)), key
-    assert [m.step for m in client.get_metric_history(run_id, "restored_at_epoch")] == [3]
+    # One restart, from the last checkpoint Ray had committed when the worker died (the
+    # epoch-2 report may still be in flight at the kill in epoch 3's first steps).
+    restores = [m.step for m in client.get_metric_history(run_id, "restored_at_epoch")]
+    assert len(restores) == 1 and restores[0] in (2, 3), restores
     versions = client.search_model_versions("name='outage'")
     assert len(versions) == 1 and client.get_model_version_by_alias("outage", "champion")
-    print(f"epochs 1-4 ran in {during:.0f} s while the server was down")
+    seconds = [r["metrics"]["epoch_seconds"] for r in journal if r["key"] == "epoch"]
+    print(f"\nepoch seconds {[round(x, 2) for x in seconds]} (server down from epoch 1 on; "
+          f"epochs 1-4 within {during:.0f} s of it going down); history complete "
+          f"{backfill:.1f} s after the server was back")
 
 
 def test_a_server_that_never_returns_then_register(small_shards, server, tmp_path):
