@@ -41,27 +41,32 @@ def logged_steps(client, run_id: str, key: str) -> set[int]:
     return {m.step for m in client.get_metric_history(run_id, key)}
 
 
-def promote(client, name: str, version: str, val_top1_error: float) -> dict:
+def promote(client, name: str, version: str | int, val_top1_error: float) -> dict:
     """Tag the version with its error and move `champion` to it if it beats the current one.
-    Returns what happened, e.g. {"version": "3", "alias": "champion", "previous": "2"}."""
+    Returns what happened, e.g. {"version": 3, "alias": "champion", "previous": 2}.
+
+    Versions are ints here whatever the store: MLflow gives an int from a sqlite store and a
+    str from a tracking server, and the summary (and the scripts reading its JSON) should
+    not depend on which one ran."""
     from mlflow.exceptions import MlflowException
 
-    client.set_model_version_tag(name, version, METRIC_TAG, f"{val_top1_error:.6f}")
+    version, v = int(version), str(version)  # int out; the client is given what it takes
+    client.set_model_version_tag(name, v, METRIC_TAG, f"{val_top1_error:.6f}")
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         current = None
-    if current is None or str(current.version) == str(version):
-        client.set_registered_model_alias(name, CHAMPION, version)
+    if current is None or str(current.version) == v:
+        client.set_registered_model_alias(name, CHAMPION, v)
         return {"version": version, "alias": CHAMPION, "previous": None}
     current_err = float(current.tags.get(METRIC_TAG, "inf"))
     if val_top1_error < current_err:
-        client.set_registered_model_alias(name, CHAMPION, version)
+        client.set_registered_model_alias(name, CHAMPION, v)
         client.set_registered_model_alias(name, CHALLENGER, current.version)
-        return {"version": version, "alias": CHAMPION, "previous": current.version,
+        return {"version": version, "alias": CHAMPION, "previous": int(current.version),
                 "previous_error": current_err}
-    client.set_registered_model_alias(name, CHALLENGER, version)
-    return {"version": version, "alias": CHALLENGER, "champion": current.version,
+    client.set_registered_model_alias(name, CHALLENGER, v)
+    return {"version": version, "alias": CHALLENGER, "champion": int(current.version),
             "champion_error": current_err}
 
 

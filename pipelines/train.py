@@ -33,6 +33,17 @@ class TrainError(RuntimeError):
     """Training cannot start; the message says why and what to do."""
 
 
+def apply_variant_defaults(cfg: C.TrainConfig, given: set[str]) -> C.TrainConfig:
+    """Defaults that depend on the variant, for the fields the user did not set (`given`:
+    the names set by a flag or the YAML). The cifar variant is built for 32x32 inputs, so
+    its crop is 32 unless --crop says otherwise; the config's 224 is ImageNet's."""
+    from alexnet import INPUT_SIZE
+
+    if "crop" not in given:
+        cfg.data.crop = INPUT_SIZE.get(cfg.model.variant, cfg.data.crop)
+    return cfg
+
+
 # Files the launcher keeps beside Ray Train's own under STORAGE/NAME: the MLflow run id (for
 # --resume and restarts) and the config the run was (last) launched with.
 RUN_ID_FILE = "mlflow_run_id"
