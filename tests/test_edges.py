@@ -302,3 +302,41 @@ def test_registry_versions_are_ints_whatever_the_store_gives(tmp_path):
     worse = promote(client, "m", "3", 0.9)
     assert worse["version"] == 3 and worse["champion"] == 2 and worse["alias"] == "challenger"
     assert int(client.get_model_version_by_alias("m", "champion").version) == 2
+
+
+# --------------------------------------------------------------------------- interruptions
+def test_ctrl_c_in_preprocess_says_what_is_kept_and_the_same_command_resumes(world, tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the whole process group) once pieces are staged:
+    one line, exit 130; the same command then finishes the OUT, and verify finds it whole."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    cmd = ["preprocess", "--source", world.src, "--out", out, "--resize", "40",
+           "--shards", "3", "--batch-size", "2"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "workflow.py"), *map(str, cmd)],
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    staging = out / "train" / ".staging"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if staging.is_dir() and any(staging.rglob("*")):
+            break
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.skip("preprocess finished before it could be interrupted")
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    if proc.returncode == 0:
+        pytest.skip("preprocess finished before the signal arrived")
+    assert proc.returncode == 130, stdout + stderr
+    assert "Traceback" not in stdout + stderr and "KeyboardInterrupt" not in stderr, stderr
+    said = [ln for ln in stderr.splitlines() if ln.startswith("interrupted: ")]
+    assert said == [f"interrupted: the shards finished in {out} are kept, and the images "
+                    "staged for the others; run the same command again to finish it"], stderr
+    assert not (out / "manifest.json").exists()
+    again = _run(*cmd, cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    check = _run("verify", "--data", out, cwd=tmp_path)
+    assert check.returncode == 0 and "OK, the data is whole" in check.stdout, check.stdout
