@@ -244,8 +244,10 @@ def _yaml_error(exc: BaseException, args: argparse.Namespace) -> str:
             "it must be a mapping of config keys, e.g. `lr: 0.02`")
 
 
-def _interrupted(args: argparse.Namespace) -> str:
+def _interrupted(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:
     """What a Ctrl-C left behind, and how to go on."""
+    if str(exc):  # train's TrainInterrupted names the run and its --resume command
+        return str(exc)
     if args.command == "preprocess":
         out = getattr(args, "out", None) or "OUT"
         return (f"the shards finished in {out} are kept, and the images staged for the others; "
@@ -265,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     except yaml.YAMLError as exc:
         print(f"error: {_yaml_error(exc, args)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: {_interrupted(args)}", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"\ninterrupted: {_interrupted(args, exc)}", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 

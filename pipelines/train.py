@@ -33,6 +33,61 @@ class TrainError(RuntimeError):
     """Training cannot start; the message says why and what to do."""
 
 
+class TrainInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: which run stopped, and the command that continues it."""
+
+    def __init__(self, name: str, storage: str, run_id: str):
+        super().__init__(name)
+        self.name, self.storage, self.run_id = name, storage, run_id
+
+    def __str__(self) -> str:
+        storage = "" if self.storage == "checkpoints" or \
+            Path(self.storage) == Path("checkpoints").resolve() else f" --storage {self.storage}"
+        return (f"run {self.name} stopped (MLflow run {self.run_id} marked KILLED); continue "
+                f"it from its last checkpoint with `python workflow.py train --resume "
+                f"--name {self.name}{storage}`")
+
+
+def _fit(trainer):
+    """trainer.fit(), with a Ctrl-C always a KeyboardInterrupt. Ray Train's own SIGINT
+    handler (installed inside fit) aborts the run and then either returns the result as if
+    training had ended (the run was then logged and registered as FINISHED) or, when the
+    controller died of the same Ctrl-C, calls sys.exit(0) (exit status 1, no message).
+    Wrapping that handler, once fit has installed it, tells both cases apart."""
+    import signal
+
+    register = getattr(trainer, "_register_sigint_handler", None)  # fit's hook (ray 2.5x)
+    if register is None:  # another Ray: its own Ctrl-C behaviour, unchanged
+        return trainer.fit()
+    interrupted = []
+
+    def wrapped_register(controller):
+        register(controller)
+        ray_handler = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            interrupted.append(signum)
+            try:
+                ray_handler(signum, frame)  # asks the controller to abort, as Ray does
+            except SystemExit:
+                raise KeyboardInterrupt from None
+
+        signal.signal(signal.SIGINT, handler)
+
+    trainer._register_sigint_handler = wrapped_register
+    try:
+        result = trainer.fit()
+    except SystemExit:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if interrupted:
+        raise KeyboardInterrupt
+    return result
+
+
 def apply_variant_defaults(cfg: C.TrainConfig, given: set[str]) -> C.TrainConfig:
     """Defaults that depend on the variant, for the fields the user did not set (`given`:
     the names set by a flag or the YAML). The cifar variant is built for 32x32 inputs, so
@@ -314,7 +369,7 @@ def run_train(cfg: C.TrainConfig) -> dict:
                 checkpoint_config=CheckpointConfig(num_to_keep=2,
                                                    checkpoint_score_attribute="score",
                                                    checkpoint_score_order="min")))
-        result = trainer.fit()
+        result = _fit(trainer)
         if not result.best_checkpoints:
             raise TrainError(f"run {name} reported no checkpoint (nothing left to train? "
                              f"--epochs {cfg.run.epochs})")
@@ -334,5 +389,9 @@ def run_train(cfg: C.TrainConfig) -> dict:
                     d, cfg, best_metrics.get("val_top1_error", best_metrics["score"]))
         status = "FINISHED"
         return summary
+    except KeyboardInterrupt:
+        # Ctrl-C: the run is stopped, not failed; its checkpoints are there to resume from.
+        status = "KILLED"
+        raise TrainInterrupted(name, cfg.run.storage, run_id) from None
     finally:
         mlflow.end_run(status)

@@ -340,3 +340,47 @@ def test_ctrl_c_in_preprocess_says_what_is_kept_and_the_same_command_resumes(wor
     assert again.returncode == 0, again.stdout + again.stderr
     check = _run("verify", "--data", out, cwd=tmp_path)
     assert check.returncode == 0 and "OK, the data is whole" in check.stdout, check.stdout
+
+
+def test_ctrl_c_in_train_marks_the_run_killed_and_prints_the_resume_command(small_out,
+                                                                             tmp_path):
+    """Ctrl-C (SIGINT to the process group) after the first checkpoint: exit 130, one line
+    naming the run and its --resume command; the MLflow run is KILLED, not FAILED (was: exit
+    1, no message). The printed command then continues the same run."""
+    import glob
+    import signal
+    import time
+
+    from mlflow import MlflowClient
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": "sqlite:///m.db"}
+    flags = ["--data", str(small_out), "--variant", "cifar", "--crop", "24", "--workers", "1",
+             "--batch-size", "4", "--loader-workers", "0", "--name", "t", "--no-register"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "workflow.py"), "train", *flags,
+                             "--epochs", "100"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        if glob.glob(str(tmp_path / "checkpoints" / "t" / "checkpoint_*")):
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stdout + stderr
+    assert not [ln for ln in stderr.splitlines() if ln.startswith("Traceback")], stderr
+    said = [ln for ln in stderr.splitlines() if ln.startswith("interrupted: ")]
+    assert len(said) == 1, stderr
+    assert said[0].startswith("interrupted: run t stopped (MLflow run "), said
+    assert said[0].endswith("marked KILLED); continue it from its last checkpoint with "
+                            "`python workflow.py train --resume --name t`"), said
+    client = MlflowClient("sqlite:///" + str(tmp_path / "m.db"))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("t", "KILLED")]
+
+    resume = _command_in(said[0])
+    proc = _run(*resume, "--epochs", "2", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    after = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [(r.info.run_id, r.info.status) for r in after] == [(runs[0].info.run_id,
+                                                                 "FINISHED")]
