@@ -251,9 +251,19 @@ def finalize_shard(out: Path, split: str, shard: int, expected: int) -> dict | N
             not all(p in where or p in quarantine for p in range(expected)):
         return None
     final = out / shard_name(split, shard)
+    order = sorted(where)
+    if not order:
+        # Every image of the shard was quarantined (more shards than images that decode,
+        # e.g. --shards 50 on 7 images, one broken): the sidecar records that, and no empty
+        # LMDB file is written; build_manifest leaves the shard out.
+        sidecar = {"path": shard_name(split, shard), "records": 0, "sha256": None, "bytes": 0,
+                   "quarantine": [quarantine[p] for p in sorted(quarantine)],
+                   "sum": [0] * 3, "outer": [0] * 9, "pixels": 0, "committed_at": time.time()}
+        _atomic_write(_sidecar(out, split, shard), json.dumps(sidecar))
+        _drop_stage(out, split, shard)
+        return sidecar
     fds = [os.open(path, os.O_RDONLY) for path, *_ in pieces]
     try:
-        order = sorted(where)
 
         def chunks(size: int = 1024):  # a chunk of records in memory at a time
             for c in range(0, len(order), size):
@@ -805,6 +815,8 @@ def build_manifest(out: Path, listing: Listing, plan: dict, params: dict, starte
                                       "run the same command again to complete it")
             side = json.loads(path.read_text())
             quarantine.extend(side["quarantine"])
+            if side["records"] == 0 and side["sha256"] is None:
+                continue  # all quarantined: no file (see finalize_shard)
             shard_rows.append({k: side[k] for k in ("path", "records", "sha256", "bytes")})
             records += side["records"]
             last = max(last, side.get("committed_at", started))

@@ -234,10 +234,17 @@ def test_interrupted_finished_and_damaged_outputs_say_what_is_true(world, tmp_pa
 # --------------------------------------------------------------------------- smaller
 @pytest.fixture(scope="module")
 def small_out(world, tmp_path_factory):
-    """The sample preprocessed at 24 px (smaller than any crop) with --shards 50."""
-    out = tmp_path_factory.mktemp("small") / "out"
-    proc = _run("preprocess", "--source", world.src, "--out", out, "--resize", "24",
-                "--shards", "50", cwd=out.parent)
+    """The sample plus one broken JPEG, preprocessed at 24 px (smaller than any crop) with
+    --shards 50: 10 train images listed, 9 that decode."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("small")
+    src, out = root / "src", root / "out"
+    shutil.copytree(world.src, src)
+    wnid = world.classes[0]["wnid"]
+    (src / "train" / wnid / "broken.JPEG").write_bytes(b"\xff\xd8 not a JPEG")
+    proc = _run("preprocess", "--source", src, "--out", out, "--resize", "24",
+                "--shards", "50", cwd=root)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
 
@@ -278,10 +285,13 @@ def test_more_shards_than_images_writes_no_empty_shard(small_out):
     manifest = json.loads((small_out / "manifest.json").read_text())
     for split, images in (("train", 3 * CLASSES), ("val", 2 * CLASSES)):
         shards = manifest["splits"][split]["shards"]
-        assert len(shards) == images  # --shards 50, capped at the images
-        assert all(s["records"] == 1 for s in shards)
-    assert sorted(p.name for p in (small_out / "train").glob("*.lmdb")) == \
-        [f"shard-{i:05d}.lmdb" for i in range(3 * CLASSES)]
+        # --shards 50 is capped at the images listed; the shard whose one image did not
+        # decode is left out, not written as an empty LMDB file
+        assert len(shards) == images and all(s["records"] == 1 for s in shards), shards
+        assert len(list((small_out / split).glob("*.lmdb"))) == images
+    assert manifest["splits"]["train"]["quarantined"] == 1
+    proc = _run("verify", "--data", small_out, cwd=small_out.parent)
+    assert proc.returncode == 0 and "OK, the data is whole" in proc.stdout, proc.stdout
 
 
 def test_registry_versions_are_ints_whatever_the_store_gives(tmp_path):
