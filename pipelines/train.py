@@ -309,6 +309,7 @@ def run_train(cfg: C.TrainConfig) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipelines.progress import EpochProgress
     from pipelines.train_loop import CHAOS_ENV, train_loop_per_worker
 
     manifest, found = check_config(cfg)
@@ -364,6 +365,7 @@ def run_train(cfg: C.TrainConfig) -> dict:
                                          placement_strategy=cfg.run.placement_strategy),
             run_config=RunConfig(
                 name=name, storage_path=root, storage_filesystem=fs,
+                callbacks=[EpochProgress(cfg.run.epochs)],  # a line per epoch (progress.py)
                 failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                 # Keep the two best and (always, by Ray's rule) the latest checkpoint.
                 checkpoint_config=CheckpointConfig(num_to_keep=2,

@@ -391,6 +391,28 @@ def test_ctrl_c_in_train_marks_the_run_killed_and_prints_the_resume_command(smal
     resume = _command_in(said[0])
     proc = _run(*resume, "--epochs", "2", cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # One progress line per epoch (the Train controller prints it, behind Ray's prefix).
+    lines = [ln.split(") ", 1)[-1] for ln in (proc.stdout + proc.stderr).splitlines()
+             if "epoch 2/2  train loss" in ln]
+    assert len(lines) == 1, proc.stdout + proc.stderr
+    assert " val err " in lines[0] and " img/s  data wait " in lines[0], lines[0]
     after = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [(r.info.run_id, r.info.status) for r in after] == [(runs[0].info.run_id,
                                                                  "FINISHED")]
+
+
+def test_epoch_line_has_what_a_person_watching_needs():
+    from pipelines.progress import EpochProgress, epoch_line
+
+    m = {"epoch": 2, "train_loss": 2.10104, "train_top1_error": 0.8123, "lr": 0.0025,
+         "images_per_s": 85.4, "data_wait_fraction": 0.041, "epoch_seconds": 9.0,
+         "val_top1_error": 0.75, "val_top5_error": 0.31}
+    assert epoch_line(m, 12, 9.84, 88.0) == (
+        "epoch 3/12  train loss 2.1010 err 0.812  val err 0.750 top-5 0.310  lr 0.0025  "
+        "85 img/s  data wait 4%  9.8 s  ETA 1m28s")
+    no_val = {k: v for k, v in m.items() if not k.startswith("val")}
+    assert "val" not in epoch_line(no_val, 3, 1.0, None) and "ETA" not in \
+        epoch_line(no_val, 3, 1.0, None)
+    cb = EpochProgress(4)
+    cb.after_report(None, [m], None)  # epoch 3 of 4: one left, 9 s each so far
+    assert cb.durations == [9.0]
