@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -46,6 +47,32 @@ class TrainInterrupted(KeyboardInterrupt):
         return (f"run {self.name} stopped (MLflow run {self.run_id} marked KILLED); continue "
                 f"it from its last checkpoint with `python workflow.py train --resume "
                 f"--name {self.name}{storage}`")
+
+
+def _check_resources(cfg: C.TrainConfig, local: bool) -> None:
+    """Workers the cluster cannot place wait in WorkerGroupStartupTimeoutError retries for
+    minutes. On the local Ray this command started, that is an error now; on a cluster
+    (which may autoscale), one line says what the run waits for."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
+    workers = cfg.run.workers
+    short = []
+    if workers * cfg.run.cpus_per_worker > cpus:
+        short.append(f"{workers * cfg.run.cpus_per_worker} CPUs ({workers} workers x "
+                     f"--cpus-per-worker {cfg.run.cpus_per_worker}), it has {cpus:g}")
+    if cfg.run.gpu and workers > gpus:
+        short.append(f"{workers} GPUs (--gpu: one a worker), it has {gpus:g}")
+    if not short:
+        return
+    if local:
+        raise TrainError(f"the local Ray (this machine) is too small: the run needs "
+                         f"{' and '.join(short)}; lower --workers or --cpus-per-worker"
+                         + (", or drop --gpu" if cfg.run.gpu and workers > gpus else ""))
+    print(f"note: waiting for the Ray cluster to provide {' and '.join(short)} now; an "
+          "autoscaling cluster adds nodes, a fixed one never will (Ctrl-C stops)",
+          file=sys.stderr)
 
 
 def _fit(trainer):
@@ -241,7 +268,10 @@ def log_and_register(bundle_dir: str, cfg: C.TrainConfig, val_error: float) -> d
     version = mlflow.register_model(model_info.model_uri, cfg.tracking.registered_model)
     outcome = tracking.promote(MlflowClient(), cfg.tracking.registered_model, version.version,
                                val_error)
-    return {"model_uri": model_info.model_uri, "name": cfg.tracking.registered_model,
+    # The registry URI is the one `predict`/`batch-infer --model` take; the LoggedModel's
+    # own models:/m-... URI is kept beside it.
+    return {"model_uri": f"models:/{cfg.tracking.registered_model}/{int(version.version)}",
+            "logged_model_uri": model_info.model_uri, "name": cfg.tracking.registered_model,
             **outcome}
 
 
@@ -317,7 +347,12 @@ def run_train(cfg: C.TrainConfig) -> dict:
     fs, root = storage_filesystem(cfg.run.storage)
     if "://" not in cfg.run.storage:
         cfg.run.storage = root
+    asked = cfg.run.name
     name = resolve_run(cfg, fs, root)
+    if name != asked:
+        print(f"note: a run {asked!r} exists in {cfg.run.storage}; this new one is {name!r} "
+              f"(to continue {asked!r} instead: `python workflow.py train --resume --name "
+              f"{asked}`)", file=sys.stderr)
     run_dir = f"{root}/{name}"
 
     uri = _abs_tracking_uri(tracking.setup_mlflow())
@@ -331,7 +366,7 @@ def run_train(cfg: C.TrainConfig) -> dict:
             raise TrainError(f"--resume {name}: the run started on dataset {started_on[:12]}, "
                              f"{cfg.data.data} is now {digest[:12]}; resume with the same "
                              "data or start a new run")
-    init_ray(log_to_driver=True)
+    _check_resources(cfg, local=init_ray(log_to_driver=True))
     # System metrics (CPU, memory, disk, network, GPU) of the driver's node; the workers on
     # other nodes log theirs under system/node<N>/ (see train_loop._node_monitor).
     run = mlflow.start_run(run_id=run_id, run_name=None if run_id else name,
@@ -381,7 +416,14 @@ def run_train(cfg: C.TrainConfig) -> dict:
                    "val_top1_error": best_metrics.get("val_top1_error"),
                    "val_top5_error": best_metrics.get("val_top5_error"),
                    "epochs_run": (result.metrics or {}).get("epoch", -1) + 1,
+                   "epochs": cfg.run.epochs,
                    "artifacts": logged["artifacts"]}
+        if summary["epochs_run"] < cfg.run.epochs and cfg.optim.early_stop_patience:
+            # The loop stops only for this (a stopped or failed run raises): say so.
+            summary["stopped_early"] = (
+                f"no better val score in {cfg.optim.early_stop_patience} epochs "
+                f"(--early-stop-patience); best epoch {best_metrics['epoch'] + 1}")
+            mlflow.set_tag("stopped_early", summary["stopped_early"])
         mlflow.log_metrics({"best_val_top1_error": best_metrics.get("val_top1_error", np.nan),
                             "best_epoch": best_metrics["epoch"]})
         with best_ckpt.as_directory() as d:

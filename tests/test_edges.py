@@ -416,3 +416,60 @@ def test_epoch_line_has_what_a_person_watching_needs():
     cb = EpochProgress(4)
     cb.after_report(None, [m], None)  # epoch 3 of 4: one left, 9 s each so far
     assert cb.durations == [9.0]
+
+
+def test_train_checks_the_local_ray_is_big_enough(small_out, tmp_path):
+    """Workers the local Ray cannot place waited minutes in WorkerGroupStartupTimeoutError
+    retries; now one line, exit 2, before any worker starts."""
+    proc = _run("train", "--data", small_out, "--variant", "cifar", "--crop", "24", "--gpu",
+                "--workers", "64", "--cpus-per-worker", "2", cwd=tmp_path,
+                env={"MLFLOW_TRACKING_URI": "sqlite:///m.db", "RAY_ADDRESS": ""})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert not [ln for ln in out.splitlines() if ln.startswith("Traceback")], out
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1, out
+    assert "the local Ray (this machine) is too small: the run needs 128 CPUs (64 workers x " \
+        "--cpus-per-worker 2)" in errors[0], errors[0]
+    assert "64 GPUs (--gpu: one a worker), it has 0" in errors[0]
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_train_says_why_it_stopped_which_uri_to_use_and_a_reused_name(small_out, tmp_path):
+    """lr 0: the val score never improves, so --early-stop-patience 1 stops after 2 of 3
+    epochs, and says so (was silent). The printed model URI is the registry's, which
+    `predict --model` takes (the LoggedModel's models:/m-... was rejected). A reused
+    --name says the new name and how to resume the old run (was silently suffixed)."""
+    import json
+
+    env = {"MLFLOW_TRACKING_URI": "sqlite:///m.db"}
+    flags = ["--data", small_out, "--variant", "cifar", "--crop", "24", "--workers", "1",
+             "--batch-size", "4", "--loader-workers", "0", "--name", "es"]
+    proc = _run("train", *flags, "--epochs", "3", "--lr", "0", "--early-stop-patience", "1",
+                cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert (summary["epochs_run"], summary["epochs"]) == (2, 3)
+    assert summary["stopped_early"].startswith("no better val score in 1 epochs")
+    reg = summary["registered"]
+    assert (reg["model_uri"], reg["version"], reg["alias"]) == ("models:/alexnet/1", 1,
+                                                                 "champion")
+    assert reg["logged_model_uri"].startswith("models:/m-")
+    from mlflow import MlflowClient
+
+    client = MlflowClient("sqlite:///" + str(tmp_path / "m.db"))
+    assert client.get_run(summary["run_id"]).data.tags["stopped_early"] == \
+        summary["stopped_early"]
+    img = next((small_out.parent / "src" / "val").glob("*.JPEG"))
+    pred = _run("predict", img, "--model", reg["model_uri"], cwd=tmp_path, env=env)
+    assert pred.returncode == 0 and "model: models:/alexnet/1 (version 1)" in pred.stdout, \
+        pred.stdout + pred.stderr
+
+    proc = _run("train", *flags, "--epochs", "1", "--no-register", cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    notes = [ln for ln in proc.stderr.splitlines() if ln.startswith("note: a run 'es' exists")]
+    assert len(notes) == 1, proc.stderr
+    new = json.loads(proc.stdout[proc.stdout.index("{"):])["run_name"]
+    assert new.startswith("es-") and f"this new one is {new!r}" in notes[0]
+    assert notes[0].endswith("(to continue 'es' instead: `python workflow.py train --resume "
+                             "--name es`)")
