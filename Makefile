@@ -23,7 +23,7 @@ demo: install
 	$(BIN)/python workflow.py make-sample --out $(DATA)/sample --classes 10 --train-per-class 40 --val-per-class 10
 	$(BIN)/python workflow.py preprocess --source $(DATA)/sample --out $(DATA)/sample-shards --resize 128
 	$(BIN)/python workflow.py train --config configs/demo.yaml --data $(DATA)/sample-shards
-	$(BIN)/python workflow.py batch-infer --model models:/alexnet@champion --input $(DATA)/sample-shards --split val --output outputs/predictions.parquet
+	$(BIN)/python workflow.py batch-infer --model models:/alexnet@champion --input $(DATA)/sample-shards --split val --output outputs/predictions.parquet --overwrite
 	@echo
 	@echo "Outputs:"
 	@echo "  shards + manifest    $(DATA)/sample-shards/manifest.json (rejects: quarantine.jsonl)"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from pipelines import config as C
 
@@ -41,24 +42,54 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     if manifest.get("dry_run"):
         print(format_dry_run(manifest))
         return 0
+    if manifest.get("already_complete"):
+        from pipelines.verify import quick_check, repair_advice
+
+        counts = ", ".join(f"{split} {s['records']} records in {len(s['shards'])} shards"
+                           for split, s in manifest["splits"].items())
+        problems = quick_check(cfg.out, manifest)
+        if problems:
+            print("\n".join(f"problem: {p}" for p in problems))
+            print(f"{cfg.out} was complete ({counts}), but {len(problems)} shard(s) changed "
+                  f"since; {repair_advice(cfg.out)}")
+            return 1
+        print(f"{cfg.out} is complete already, nothing to do: {counts}; every shard is there "
+              f"with its size and record count (`python workflow.py verify --data {cfg.out}` "
+              "reads every record)")
+        return 0
     print(summary_table(manifest))
     print(f"manifest: {cfg.out}/manifest.json   quarantine: {cfg.out}/quarantine.jsonl")
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from pipelines.shards import read_manifest
     from pipelines.verify import format_report, verify_output
 
+    read_manifest(args.data)  # not a preprocess OUT at all: one line, exit 2 (not a report)
     report = verify_output(args.data, decode=args.decode)
     print(format_report(report))
     return 0 if report["ok"] else 1
+
+
+def _given(args: argparse.Namespace) -> set[str]:
+    """Config field names the user set: by a flag, or in the --config YAML (flat or under
+    its section)."""
+    import yaml
+
+    given = {k for k, v in vars(args).items() if v is not None}
+    if getattr(args, "config", None):
+        values = yaml.safe_load(Path(args.config).read_text()) or {}
+        for key, val in values.items() if isinstance(values, dict) else ():
+            given |= set(val) if isinstance(val, dict) else {key}
+    return given
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     import os
     import tempfile
 
-    from pipelines.train import run_train, stored_config
+    from pipelines.train import apply_variant_defaults, run_train, stored_config
 
     stored = None
     if args.resume and not args.config:
@@ -73,6 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         os.unlink(fh.name)
     else:
         cfg = C.load(C.TrainConfig, args)
+        apply_variant_defaults(cfg, _given(args))
     summary = run_train(cfg)
     print(json.dumps(summary, indent=1, default=str))
     return 0
@@ -111,6 +143,8 @@ def cmd_batch_infer(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from pipelines.predict import format_predictions, predict_files
 
+    if args.top < 1:  # [:0] printed nothing and [:-2] printed all but two of the classes
+        raise ValueError(f"--top {args.top}: give the number of classes to print, at least 1")
     results = predict_files(args.images, args.model, ten_crop=args.ten_crop, top=args.top,
                             amp=args.amp)
     models = ", ".join(m["uri"] + (f" (version {m['version']})" if m["version"] else "")
@@ -142,6 +176,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_flags(p: argparse.ArgumentParser, cls: type, required: tuple[str, ...] = ()) -> None:
+    """The config's flags. An empty default showed as "(default: )", so a required flag
+    read as optional: required ones say so (they stay optional to argparse, since --config
+    may give them), other empty defaults say nothing."""
+    C.add_arguments(p, cls)
+    for action in p._actions:
+        if action.help and " (default: )" in action.help:
+            action.help = action.help.replace(
+                " (default: )", " (required)" if action.dest in required else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workflow.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_make_sample)
 
     p = sub.add_parser("preprocess", help="decode, rescale and pack a dataset into LMDB shards")
-    C.add_arguments(p, C.PreprocessConfig)
+    _config_flags(p, C.PreprocessConfig, ("source", "out"))
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("verify", help="check every shard and record of a preprocess OUT "
@@ -165,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("train", help="distributed training on Ray Train, tracked in MLflow")
-    C.add_arguments(p, C.TrainConfig)
+    _config_flags(p, C.TrainConfig, ("data",))
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("register", help="finish a training run whose end could not reach "
@@ -176,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("batch-infer", help="run a registered model over many images",
                        conflict_handler="resolve")
-    C.add_arguments(p, C.InferConfig)
+    _config_flags(p, C.InferConfig, ("input",))
     _model_flag(p)  # replaces the config's --model with a repeatable one
     p.set_defaults(func=cmd_batch_infer)
 
@@ -216,7 +261,29 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             FileExistsError, ValueError)
 
 
+def _yaml_error(exc: BaseException, args: argparse.Namespace) -> str:
+    """PyYAML's own message spans five lines with a caret drawing; keep what and where."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    what = getattr(exc, "problem", None) or type(exc).__name__
+    return (f"--config {getattr(args, 'config', '')}: not valid YAML ({what}{where}); "
+            "it must be a mapping of config keys, e.g. `lr: 0.02`")
+
+
+def _interrupted(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:
+    """What a Ctrl-C left behind, and how to go on."""
+    if str(exc):  # train's TrainInterrupted names the run and its --resume command
+        return str(exc)
+    if args.command == "preprocess":
+        out = getattr(args, "out", None) or "OUT"
+        return (f"the shards finished in {out} are kept, and the images staged for the others; "
+                "run the same command again to finish it")
+    return "stopped"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import yaml
+
     from pipelines.train import TrackingPending
 
     args = build_parser().parse_args(argv)
@@ -228,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except yaml.YAMLError as exc:
+        print(f"error: {_yaml_error(exc, args)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        print(f"\ninterrupted: {_interrupted(args, exc)}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 if __name__ == "__main__":

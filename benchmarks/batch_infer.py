@@ -138,7 +138,7 @@ def child_pipeline(args) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = InferConfig(model=[args.bundle], input=args.list, output=str(WORK / "pipe.parquet"),
                       batch_size=args.batch_size, actors=args.actors,
-                      cpus_per_actor=args.cpus_per_actor)
+                      cpus_per_actor=args.cpus_per_actor, overwrite=True)  # repeated runs
     t0 = time.perf_counter()
     result = run_batch_infer(cfg)  # starts the same local Ray as `workflow.py batch-infer`
     seconds = time.perf_counter() - t0 - result["ray_start_s"]

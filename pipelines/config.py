@@ -190,7 +190,7 @@ class InferConfig:
                       "driver) or a directory (files written in parallel; for large inputs)")
     format: str = opt("auto", "output format; auto: from --output's extension, parquet for a "
                       "directory", ("auto", "parquet", "csv"))
-    overwrite: bool = opt(False, "replace a non-empty --output directory")
+    overwrite: bool = opt(False, "replace an existing --output file or non-empty directory")
     ten_crop: bool = opt(False, "average the softmax over the paper's ten crops (10x compute)")
     batch_size: int = opt(64, "images per decode batch and per model call")
     actors: int = opt(0, "model actors in the Ray Data actor pool (its minimum with "

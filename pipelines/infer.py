@@ -103,6 +103,8 @@ def _label_of(token, classes: list[dict], where: str,
     if wnid_index is None:
         wnid_index = {c["wnid"]: c["index"] for c in classes}
     text = str(token).strip()
+    if not text:  # an empty CSV cell (read as "" in a text column): no label, as a path-only line
+        return -1, ""
     if text.lstrip("-").isdigit():
         value = int(text)
         if value == -1:
@@ -183,7 +185,9 @@ def _list_table_file(path: Path, classes: list[dict], path_column: str,
     for i, (p, (_, err)) in enumerate(zip(raw_paths, found, strict=True)):
         empty = p is None or str(p).strip() == ""
         paths.append(f"{path.name} row {i}" if empty else _resolve(path.parent, str(p)))
-        errors.append(f"{path.name} row {i}: empty {path_column!r}" if empty else err)
+        # The row's path column then names the row; printed as "PATH: ERROR", so the error
+        # itself does not repeat it.
+        errors.append(f"empty {path_column!r}" if empty else err)
     return _table(paths, [lab for lab, _ in found], errors=errors)
 
 
@@ -207,7 +211,7 @@ def list_inputs(path: str, split: str, classes: list[dict], path_column: str = "
 
     Lists paths only; no image is opened here (a million files list in seconds), so an
     unreadable file becomes an error row later rather than a failure now."""
-    from pipelines.shards import MANIFEST, manifest_digest, read_manifest
+    from pipelines.shards import MANIFEST, manifest_digest, not_an_output, read_manifest
 
     if not path:
         raise InferError("--input is required: a folder of images, a preprocess OUT, an "
@@ -227,6 +231,8 @@ def list_inputs(path: str, split: str, classes: list[dict], path_column: str = "
                        "manifest_sha256": manifest_digest(root),
                        **shard_label_map(manifest["classes"], classes, root)}
     if root.is_dir():
+        if (root / "preprocess.json").is_file():  # shards but no manifest: not images to list
+            raise InferError(not_an_output(root))
         return _list_folder(root, classes), {"kind": "folder"}
     if root.is_file():
         if root.suffix.lower() in TABLE_EXTENSIONS:
@@ -437,10 +443,14 @@ class Summary:
     def update(self, table: pa.Table) -> None:
         self.images += table.num_rows
         err = table["error"]
-        self.errors += table.num_rows - err.null_count
-        if err.null_count < table.num_rows and len(self.error_examples) < 5:
+        # An error is a non-empty reason: counted from the values, not from null counts,
+        # so that an empty string from any reader can never count as an error.
+        failed = pc.fill_null(pc.not_equal(err, ""), False)
+        n_failed = int(pc.sum(failed).as_py() or 0)
+        self.errors += n_failed
+        if n_failed and len(self.error_examples) < 5:
             for p, e in zip(table["path"].to_pylist(), err.to_pylist(), strict=True):
-                if e is not None and len(self.error_examples) < 5:
+                if e and len(self.error_examples) < 5:
                     self.error_examples.append({"path": p, "error": e})
         scored = pc.is_valid(table["correct_top1"]).to_numpy(zero_copy_only=False)
         if not scored.any():
@@ -505,6 +515,39 @@ def _write_file(ds, out: Path, fmt: str, summary: Summary) -> list[tuple[float, 
     return arrivals
 
 
+def check_output(cfg: InferConfig, mode: str) -> None:
+    """Before the model is fetched and Ray starts: a local --output must be new (or
+    --overwrite given, for a file as for a directory) and its folder writable, tried with a
+    real file (os.access says yes to root on a read-only mount). Remote URIs are left to
+    the writer."""
+    if "://" in cfg.output:
+        return
+    out = Path(cfg.output)
+    if mode == "file":
+        if out.is_dir():
+            raise InferError(f"--output {out} is a directory; name a new .parquet/.csv file "
+                             "or drop the extension to write a directory of files")
+        if out.exists() and not cfg.overwrite:
+            raise InferError(f"--output {out} exists; pass --overwrite to replace it or "
+                             "choose another file")
+    else:
+        if out.is_file():
+            raise InferError(f"--output {out} is a file; a directory output needs a new or "
+                             "empty directory (or a .parquet/.csv name for one file)")
+        if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+            raise InferError(f"--output {out} exists and is not empty; pass --overwrite or "
+                             "choose another directory")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise InferError(f"cannot write --output {out}: {out.parent} is a file, not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.probe-"):
+            pass
+    except OSError as exc:
+        raise InferError(f"cannot write --output {out}: {exc.strerror or exc} in "
+                         f"{out.parent}; choose another --output") from None
+
+
 def _write_dir(ds, out: str, fmt: str, overwrite: bool, summary: Summary) -> None:
     """Ray workers write the files in parallel; then the small columns are read back for
     the summary (a few MB per million rows). Local directories appear atomically."""
@@ -530,8 +573,12 @@ def _write_dir(ds, out: str, fmt: str, overwrite: bool, summary: Summary) -> Non
         if fmt == "csv":  # types as written, not guessed per file (an all-empty column)
             import pyarrow.csv as pcsv
 
+            # The writer quotes every string and leaves a null as a bare empty field, so the
+            # read-back tells them apart: a bare empty `error` is null (no error). Without
+            # this every row read back as an error with an empty reason.
             file_format = pads.CsvFileFormat(convert_options=pcsv.ConvertOptions(
-                column_types={f.name: f.type for f in schema}))
+                column_types={f.name: f.type for f in schema}, strings_can_be_null=True,
+                quoted_strings_can_be_null=False))
         data = pads.dataset(target, format=file_format)
         for batch in data.to_batches(columns=cols):
             summary.update(pa.Table.from_batches([batch]).cast(schema))
@@ -602,6 +649,12 @@ def _check_resources(cfg: InferConfig, ray) -> None:
 
 
 def _check_config(cfg: InferConfig) -> None:
+    if not cfg.input:
+        raise InferError("--input is required: a folder of images, a preprocess OUT, an "
+                         "images-list file or a .parquet/.csv file with a path column")
+    if "://" not in cfg.input and not Path(cfg.input).exists():
+        raise InferError(f"input {cfg.input} does not exist (expected a folder of images, a "
+                         "preprocess OUT, an images-list file or a .parquet/.csv file)")
     if cfg.batch_size < 1:
         raise InferError("--batch-size must be at least 1")
     for name in ("actors", "max_actors", "cpus_per_actor"):
@@ -648,6 +701,7 @@ def run_batch_infer(cfg: InferConfig) -> dict:
     started = time.time()
     _check_config(cfg)
     mode, fmt = output_plan(cfg)
+    check_output(cfg, mode)
     refs_given = [cfg.model] if isinstance(cfg.model, str) else list(cfg.model or [DEFAULT_MODEL])
     # Downloaded models live in `tmp` until the job ends: actors on this node read them there.
     with tempfile.TemporaryDirectory(prefix="alexnet-infer-") as tmp:
@@ -657,12 +711,6 @@ def run_batch_infer(cfg: InferConfig) -> dict:
         geometries = sorted({geometry(i) for i in infos})
         inputs, source = list_inputs(cfg.input, cfg.split, classes, cfg.path_column,
                                      cfg.label_column)
-        if mode == "file":
-            out = Path(cfg.output)
-            try:
-                out.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise InferError(f"cannot create {out.parent}: {exc}") from exc
 
         t = time.time()
         local = init_ray(lean=True, local_cpus=local_ray_cpus(), log_to_driver=False)

@@ -46,7 +46,16 @@ def check_dataset(data: str | Path, manifest: dict, train_split: str, val_split:
     LMDB meta read per shard (no data read: ImageNet's ~600 shards take well under a
     second). Returns `{split: {"records": n, "shards": k}}` for the splits found."""
     data = Path(data)
-    fix = f"re-run `python workflow.py preprocess --out {data} --overwrite ...`"
+    # --overwrite with unchanged parameters keeps every finished shard, so it repairs nothing:
+    # a manifest without what training needs is made again, elsewhere; a damaged shard is
+    # rebuilt after deleting it (verify's advice).
+    fix = "make the dataset again: `python workflow.py preprocess --source SRC --out NEW_OUT`"
+
+    def repair() -> str:  # only when needed: it reads preprocess.json
+        from pipelines.verify import repair_advice
+
+        return repair_advice(data)
+
     splits = manifest.get("splits", {})
     if train_split not in splits or splits[train_split].get("records", 0) == 0:
         raise DatasetMismatch(f"{data}: split {train_split!r} has no records "
@@ -80,18 +89,19 @@ def check_dataset(data: str | Path, manifest: dict, train_split: str, val_split:
             path = data / shard["path"]
             if not path.is_file():
                 raise DatasetMismatch(f"{path}: listed in the manifest but missing; the "
-                                      f"dataset is incomplete or was moved; {fix}")
+                                      f"dataset is incomplete or was moved; {repair()}")
             if "bytes" in shard and path.stat().st_size != shard["bytes"]:
                 raise DatasetMismatch(f"{path}: {path.stat().st_size} bytes, the manifest "
-                                      f"says {shard['bytes']}; the shard was replaced; {fix}")
+                                      f"says {shard['bytes']}; the shard was replaced; "
+                                      f"{repair()}")
             try:
                 records = len(ShardReader(path))
             except (RecordError, OSError, lmdb.Error) as exc:
-                raise DatasetMismatch(f"{path}: not a finished LMDB shard ({exc}); {fix}") \
-                    from exc
+                raise DatasetMismatch(f"{path}: not a finished LMDB shard ({exc}); "
+                                      f"{repair()}") from exc
             if records != shard["records"]:
                 raise DatasetMismatch(f"{path}: {records} records, the manifest says "
-                                      f"{shard['records']}; {fix}")
+                                      f"{shard['records']}; {repair()}")
             total += records
         if total != splits[split]["records"]:
             raise DatasetMismatch(f"{data}: split {split!r} shards hold {total} records, the "

@@ -251,9 +251,19 @@ def finalize_shard(out: Path, split: str, shard: int, expected: int) -> dict | N
             not all(p in where or p in quarantine for p in range(expected)):
         return None
     final = out / shard_name(split, shard)
+    order = sorted(where)
+    if not order:
+        # Every image of the shard was quarantined (more shards than images that decode,
+        # e.g. --shards 50 on 7 images, one broken): the sidecar records that, and no empty
+        # LMDB file is written; build_manifest leaves the shard out.
+        sidecar = {"path": shard_name(split, shard), "records": 0, "sha256": None, "bytes": 0,
+                   "quarantine": [quarantine[p] for p in sorted(quarantine)],
+                   "sum": [0] * 3, "outer": [0] * 9, "pixels": 0, "committed_at": time.time()}
+        _atomic_write(_sidecar(out, split, shard), json.dumps(sidecar))
+        _drop_stage(out, split, shard)
+        return sidecar
     fds = [os.open(path, os.O_RDONLY) for path, *_ in pieces]
     try:
-        order = sorted(where)
 
         def chunks(size: int = 1024):  # a chunk of records in memory at a time
             for c in range(0, len(order), size):
@@ -398,6 +408,29 @@ def _check_out(out: Path, params: dict, overwrite: bool) -> None:
                     f"--out, or --overwrite to replace it.")
             _clear(out)
     _atomic_write(recorded, json.dumps(params, indent=1, sort_keys=True))
+
+
+def resume_command(out: str | os.PathLike) -> str | None:
+    """The preprocess command that made (or began) OUT, from its preprocess.json: running
+    it again finishes an interrupted OUT. None when OUT holds no preprocess.json."""
+    try:
+        params = json.loads((Path(out) / "preprocess.json").read_text())
+    except (OSError, ValueError):
+        return None
+    parts = ["python workflow.py preprocess", f"--source {params.get('source')}", f"--out {out}"]
+    defaults = PreprocessConfig()
+    for key, value in sorted(params.items()):
+        if key == "source" or not hasattr(defaults, key):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key == "layout":  # the layout found, so auto is not asked to find it again
+            parts.append(f"{flag} {value}")
+        elif isinstance(value, bool):
+            if value != getattr(defaults, key):
+                parts.append(flag if value else f"--no-{flag[2:]}")
+        elif value != getattr(defaults, key):
+            parts.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
+    return " ".join(parts)
 
 
 def _clear(out: Path) -> None:
@@ -561,11 +594,28 @@ def _pending_table(out: Path, listing: Listing, plan: dict, seed: int) -> tuple[
     return pending, todo
 
 
+def check_config(cfg: PreprocessConfig) -> None:
+    """Numbers outside their range, refused before any listing or decoding (--resize 0 was
+    an OpenCV assertion inside a Ray task, one per image, as a 100-line traceback)."""
+    if cfg.resize < 1:
+        raise PreprocessError(f"--resize {cfg.resize}: the shorter side in pixels, at least 1 "
+                              "(256 for ImageNet, 32 or 40 for CIFAR)")
+    if not 1 <= cfg.quality <= 100:
+        raise PreprocessError(f"--quality {cfg.quality}: a JPEG quality from 1 to 100")
+    if cfg.shard_size <= 0:
+        raise PreprocessError(f"--shard-size {cfg.shard_size:g}: a size in MB above 0")
+    if cfg.shards < 0:
+        raise PreprocessError(f"--shards {cfg.shards}: 0 (from --shard-size) or more")
+    if cfg.batch_size < 1:
+        raise PreprocessError(f"--batch-size {cfg.batch_size}: at least 1 image a block")
+
+
 def run_preprocess(cfg: PreprocessConfig) -> dict:
     """Run the whole job; returns the manifest (also written to OUT/manifest.json), or the
     dry-run report when cfg.dry_run."""
     if not cfg.source or not cfg.out:
         raise PreprocessError("both --source and --out are required")
+    check_config(cfg)
     started = time.time()
     listing: Listing = list_source(cfg.source, cfg.layout)
     timing = {"listing_s": time.time() - started}
@@ -583,6 +633,15 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
         _check_out(out, params, False)  # _load_plan may have cleared OUT
         pending, todo = _pending_table(out, listing, plan, cfg.seed)
         timing["plan_s"] = time.time() - t
+        if (pending is None or not pending.num_rows) and (out / sh.MANIFEST).is_file():
+            try:
+                done = sh.read_manifest(out)
+            except ValueError:  # unreadable or an older format: rebuilt below
+                done = None
+            if done is not None and done.get("preprocess") == params:
+                # Complete already. The manifest stays as it is: rewritten, its sha256 (which
+                # names the dataset of every training run, and --resume checks) would change.
+                return {**done, "already_complete": True}
         if pending is not None and pending.num_rows:
             _warn_disk(out, pending.num_rows, plan)
             try:
@@ -756,6 +815,8 @@ def build_manifest(out: Path, listing: Listing, plan: dict, params: dict, starte
                                       "run the same command again to complete it")
             side = json.loads(path.read_text())
             quarantine.extend(side["quarantine"])
+            if side["records"] == 0 and side["sha256"] is None:
+                continue  # all quarantined: no file (see finalize_shard)
             shard_rows.append({k: side[k] for k in ("path", "records", "sha256", "bytes")})
             records += side["records"]
             last = max(last, side.get("committed_at", started))

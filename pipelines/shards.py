@@ -200,13 +200,29 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def not_an_output(out: str | os.PathLike) -> str:
+    """Why `out` (which has no manifest.json) is no finished preprocess OUT, and what to run:
+    a missing path, an interrupted preprocess (its preprocess.json names the command that
+    finishes it) or something else, such as the source dataset itself."""
+    out = Path(out)
+    if not out.exists():
+        return (f"{out} does not exist; make it with `python workflow.py preprocess "
+                f"--source SRC --out {out}`")
+    if (out / "preprocess.json").is_file():
+        from pipelines.preprocess import resume_command  # preprocess imports this module
+
+        return (f"{out} is an unfinished preprocess OUT (no {MANIFEST}: the run was stopped "
+                f"before the end); finish it with the same command, which keeps the "
+                f"finished shards: `{resume_command(out)}`")
+    return (f"{out} has no {MANIFEST}, so it is not the OUT of a preprocess run; for a source "
+            f"dataset, run `python workflow.py preprocess --source {out} --out OUT` and use OUT")
+
+
 def read_manifest(out: str | os.PathLike) -> dict:
     """The manifest of a preprocessed OUT, or a clear error saying what to run."""
     path = Path(out) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: {out} is not a finished preprocess output. "
-            f"Run `python workflow.py preprocess --source SRC --out {out}` first.")
+        raise FileNotFoundError(not_an_output(out))
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: format {manifest.get('format')!r}, this code reads "

@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +35,98 @@ ROOT = Path(__file__).resolve().parent.parent
 
 class TrainError(RuntimeError):
     """Training cannot start; the message says why and what to do."""
+
+
+class TrainInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training: which run stopped, and the command that continues it."""
+
+    def __init__(self, name: str, storage: str, run_id: str):
+        super().__init__(name)
+        self.name, self.storage, self.run_id = name, storage, run_id
+
+    def __str__(self) -> str:
+        storage = "" if self.storage == "checkpoints" or \
+            Path(self.storage) == Path("checkpoints").resolve() else f" --storage {self.storage}"
+        return (f"run {self.name} stopped (MLflow run {self.run_id} marked KILLED); continue "
+                f"it from its last checkpoint with `python workflow.py train --resume "
+                f"--name {self.name}{storage}`")
+
+
+def _check_resources(cfg: C.TrainConfig, local: bool) -> None:
+    """Workers the cluster cannot place wait in WorkerGroupStartupTimeoutError retries for
+    minutes. On the local Ray this command started, that is an error now; on a cluster
+    (which may autoscale), one line says what the run waits for."""
+    import ray
+
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
+    workers = cfg.run.workers
+    short = []
+    if workers * cfg.run.cpus_per_worker > cpus:
+        short.append(f"{workers * cfg.run.cpus_per_worker} CPUs ({workers} workers x "
+                     f"--cpus-per-worker {cfg.run.cpus_per_worker}), it has {cpus:g}")
+    if cfg.run.gpu and workers > gpus:
+        short.append(f"{workers} GPUs (--gpu: one a worker), it has {gpus:g}")
+    if not short:
+        return
+    if local:
+        raise TrainError(f"the local Ray (this machine) is too small: the run needs "
+                         f"{' and '.join(short)}; lower --workers or --cpus-per-worker"
+                         + (", or drop --gpu" if cfg.run.gpu and workers > gpus else ""))
+    print(f"note: waiting for the Ray cluster to provide {' and '.join(short)} now; an "
+          "autoscaling cluster adds nodes, a fixed one never will (Ctrl-C stops)",
+          file=sys.stderr)
+
+
+def _fit(trainer):
+    """trainer.fit(), with a Ctrl-C always a KeyboardInterrupt. Ray Train's own SIGINT
+    handler (installed inside fit) aborts the run and then either returns the result as if
+    training had ended (the run was then logged and registered as FINISHED) or, when the
+    controller died of the same Ctrl-C, calls sys.exit(0) (exit status 1, no message).
+    Wrapping that handler, once fit has installed it, tells both cases apart."""
+    import signal
+
+    register = getattr(trainer, "_register_sigint_handler", None)  # fit's hook (ray 2.5x)
+    if register is None:  # another Ray: its own Ctrl-C behaviour, unchanged
+        return trainer.fit()
+    interrupted = []
+
+    def wrapped_register(controller):
+        register(controller)
+        ray_handler = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            interrupted.append(signum)
+            try:
+                ray_handler(signum, frame)  # asks the controller to abort, as Ray does
+            except SystemExit:
+                raise KeyboardInterrupt from None
+
+        signal.signal(signal.SIGINT, handler)
+
+    trainer._register_sigint_handler = wrapped_register
+    try:
+        result = trainer.fit()
+    except SystemExit:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if interrupted:
+        raise KeyboardInterrupt
+    return result
+
+
+def apply_variant_defaults(cfg: C.TrainConfig, given: set[str]) -> C.TrainConfig:
+    """Defaults that depend on the variant, for the fields the user did not set (`given`:
+    the names set by a flag or the YAML). The cifar variant is built for 32x32 inputs, so
+    its crop is 32 unless --crop says otherwise; the config's 224 is ImageNet's."""
+    from alexnet import INPUT_SIZE
+
+    if "crop" not in given:
+        cfg.data.crop = INPUT_SIZE.get(cfg.model.variant, cfg.data.crop)
+    return cfg
 
 
 # Files the launcher keeps beside Ray Train's own under STORAGE/NAME: the MLflow run id (for
@@ -322,6 +415,17 @@ def _claim_name(fs, root: str, name: str) -> bool:
     return not _exists(fs, f"{root}/{name}/{RUN_ID_FILE}")
 
 
+def _release_name(fs, run_dir: str) -> None:
+    """Give back a claimed name whose run never started (a pre-flight error), so the next
+    try gets it rather than a timestamped one."""
+    import pyarrow.fs as pafs
+
+    if isinstance(fs, pafs.LocalFileSystem) and not _exists(fs, f"{run_dir}/{RUN_ID_FILE}"):
+        Path(run_dir, CLAIM_FILE).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            Path(run_dir).rmdir()
+
+
 def _start_tracking(cfg: C.TrainConfig, fs, run_dir: str, name: str, digest: str):
     """The one place where an unreachable MLflow stops the job: set the experiment and open
     (or reopen, on --resume) the run, before any worker starts. Returns (uri, run)."""
@@ -360,6 +464,7 @@ def run_train(cfg: C.TrainConfig) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipelines.progress import EpochProgress
     from pipelines.train_loop import CHAOS_ENV, train_loop_per_worker
 
     manifest, found = check_config(cfg)
@@ -367,17 +472,29 @@ def run_train(cfg: C.TrainConfig) -> dict:
     fs, root = storage_filesystem(cfg.run.storage)
     if "://" not in cfg.run.storage:
         cfg.run.storage = root
+    asked = cfg.run.name
     name = resolve_run(cfg, fs, root)
+    if name != asked:
+        print(f"note: a run {asked!r} exists in {cfg.run.storage}; this new one is {name!r} "
+              f"(to continue {asked!r} instead: `python workflow.py train --resume --name "
+              f"{asked}`)", file=sys.stderr)
     run_dir = f"{root}/{name}"
     print(f"run {name}: checkpoints and metrics journal in {cfg.run.storage.rstrip('/')}/{name}",
           flush=True)
 
-    uri, run = _start_tracking(cfg, fs, run_dir, name, digest)
+    # Resources first (a run the cluster cannot place is refused or announced), then the
+    # MLflow run; both before any worker starts.
+    try:
+        _check_resources(cfg, local=init_ray(log_to_driver=True))
+        uri, run = _start_tracking(cfg, fs, run_dir, name, digest)
+    except BaseException:
+        if not cfg.run.resume:
+            _release_name(fs, run_dir)
+        raise
     run_id = run.info.run_id
     write_text(fs, f"{run_dir}/{RUN_ID_FILE}", run_id)
     write_text(fs, f"{run_dir}/{RUN_CONFIG_FILE}", C.to_yaml(cfg))
     try:
-        init_ray(log_to_driver=True)
         tags = {"dataset.manifest_sha256": digest, "ray.run_name": name,
                 "checkpoints": f"{cfg.run.storage.rstrip('/')}/{name}"
                 if "://" in cfg.run.storage else run_dir,
@@ -402,20 +519,32 @@ def run_train(cfg: C.TrainConfig) -> dict:
                                          placement_strategy=cfg.run.placement_strategy),
             run_config=RunConfig(
                 name=name, storage_path=root, storage_filesystem=fs,
+                callbacks=[EpochProgress(cfg.run.epochs)],  # a line per epoch (progress.py)
                 failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                 # Keep the two best and (always, by Ray's rule) the latest checkpoint.
                 checkpoint_config=CheckpointConfig(num_to_keep=2,
                                                    checkpoint_score_attribute="score",
                                                    checkpoint_score_order="min")))
-        result = trainer.fit()
+        result = _fit(trainer)
         epochs_run = (result.metrics or {}).get("epoch", -1) + 1
+    except KeyboardInterrupt:
+        # Ctrl-C: the run is stopped, not failed; its checkpoints are there to resume from.
+        _end_run_quietly("KILLED")
+        raise TrainInterrupted(name, cfg.run.storage, run_id) from None
     except BaseException:
         _end_run_quietly("FAILED")
         raise
+    tags = {}
+    if epochs_run < cfg.run.epochs and cfg.optim.early_stop_patience:
+        # The loop stops only for this (a stopped or failed run raises): say so.
+        tags["stopped_early"] = (f"no better val score in {cfg.optim.early_stop_patience} "
+                                 f"epochs (--early-stop-patience)")
     summary = finish_run(cfg, fs, run_dir, run_id, uri, manifest["classes"],
-                         cfg.tracking.retry_minutes * 60)
-    summary.update({"epochs_run": epochs_run,
+                         cfg.tracking.retry_minutes * 60, tags)
+    summary.update({"epochs_run": epochs_run, "epochs": cfg.run.epochs, **tags,
                     "artifacts": logged["artifacts"] + summary["artifacts"]})
+    if "stopped_early" in summary:
+        summary["stopped_early"] += f"; best epoch {summary['best_epoch'] + 1}"
     return summary
 
 
@@ -460,7 +589,7 @@ def best_checkpoint(fs, run_dir: str, epochs: dict[int, dict]) -> tuple[int, str
 
 
 def finish_run(cfg: C.TrainConfig, fs, run_dir: str, run_id: str, uri: str,
-               classes: list[dict], deadline_s: float) -> dict:
+               classes: list[dict], deadline_s: float, tags: dict | None = None) -> dict:
     """The end of a run, shared by `train` and `register --run`: send the journal's pending
     metrics, log the best epoch and its confusion matrix, log + register the best checkpoint
     (once: a checkpoint already registered is not registered again) and end the MLflow run
@@ -498,6 +627,8 @@ def finish_run(cfg: C.TrainConfig, fs, run_dir: str, run_id: str, uri: str,
         opened = contextlib.nullcontext() if active and active.info.run_id == run_id else \
             mlflow.start_run(run_id=run_id, log_system_metrics=False)
         with opened:
+            if tags:
+                mlflow.set_tags(tags)
             mlflow.log_metrics({"best_val_top1_error": best.get("val_top1_error", np.nan),
                                 "best_epoch": epoch})
             client = mlflow.MlflowClient()

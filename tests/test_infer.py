@@ -280,7 +280,8 @@ def test_images_list_parquet_and_csv_inputs(ray_local, world, tmp_path):
                                      + ",y\n")
     res, t_csv = _infer(tmp_path, tmp_path / "in.csv", "csv.parquet", model=str(world.a.bundle))
     assert res["images"] == 7 and res["labelled"] == 0 and "top1_accuracy" not in res
-    assert res["errors"] == 1 and res["error_examples"][0]["error"] == "in.csv row 6: empty 'path'"
+    assert res["errors"] == 1 and res["error_examples"][0] == {"path": "in.csv row 6",
+                                                       "error": "empty 'path'"}
     t_csv = t_csv.filter(pc.is_null(t_csv["error"]))
     # Same images, same model: the same predictions whatever the input kind.
     assert _full_probs(t_csv).keys() == _full_probs(t_pq).keys()

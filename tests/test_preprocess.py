@@ -317,7 +317,7 @@ def test_verify_finds_corrupt_records_missing_shards_and_exits_1(ray_local, tiny
     assert "val/shard-00000.lmdb: missing" in problems
     assert workflow.main(["verify", "--data", str(out)]) == 1
     assert "problem(s) found" in capsys.readouterr().out
-    assert workflow.main(["verify", "--data", str(tmp_path / "none")]) == 1
+    assert workflow.main(["verify", "--data", str(tmp_path / "none")]) == 2  # not an OUT
 
 
 def test_refuses_a_source_that_changed_under_an_existing_out(ray_local, tiny_source, tmp_path):
