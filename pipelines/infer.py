@@ -782,14 +782,13 @@ def _log_evaluation_or_keep(cfg: InferConfig, refs: list[ModelRef], result: dict
     """Log the evaluation run; when MLflow cannot take it, the predictions are written all
     the same: keep the summary beside them (to log later) and return a warning instead of
     failing a job whose work is done."""
-    from pipelines.journal import SENDER_HTTP_ENV
+    from pipelines.journal import short_requests
 
     summary = {k: v for k, v in result.items() if k != "per_class"}
-    for key, value in SENDER_HTTP_ENV.items():  # short requests: minutes of retries help no one
-        os.environ.setdefault(key, value)
     try:
-        return {"mlflow_run_id": log_evaluation(cfg, refs, summary, result["per_class"],
-                                                source)}
+        with short_requests():  # a small run: minutes of retries would help no one
+            return {"mlflow_run_id": log_evaluation(cfg, refs, summary, result["per_class"],
+                                                    source)}
     except Exception as exc:  # noqa: BLE001 - tracking is a side channel of a finished job
         out = Path(cfg.output)
         kept = out / "summary.json" if out.is_dir() else out.with_name(out.name +

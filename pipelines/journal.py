@@ -17,6 +17,7 @@ when the server was down at the end, drain the journal the same way (`drain`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -31,6 +32,24 @@ SENDER_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX
                    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def short_requests():
+    """MLflow requests of SENDER_HTTP_ENV inside the block (unless the user set them), the
+    previous settings after it: for calls that only probe or send a few numbers. Artifact
+    uploads (a model's weights) keep MLflow's own, longer, timeouts."""
+    saved = {k: os.environ.get(k) for k in SENDER_HTTP_ENV}
+    for key, value in SENDER_HTTP_ENV.items():
+        os.environ.setdefault(key, value)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 class TrackingUnavailable(RuntimeError):

@@ -329,11 +329,12 @@ def log_and_register(bundle_dir: str, cfg: C.TrainConfig, val_error: float | Non
             signature=sig, input_example=example,
             metadata={"variant": info["variant"], "input_size": info["input_size"],
                       "num_classes": info["num_classes"]})
-    version = mlflow.register_model(model_info.model_uri, name)
-    if run_id is not None:
-        client.set_model_version_tag(name, version.version, tracking.RUN_TAG, run_id)
-    if epoch is not None:
-        client.set_model_version_tag(name, version.version, tracking.EPOCH_TAG, str(epoch))
+    # The (run, epoch) tags go in with the version itself: a registration whose answer is
+    # lost (a timeout) is still found by `registered_version` when the end is retried.
+    origin = {}
+    if run_id is not None and epoch is not None:
+        origin = {tracking.RUN_TAG: run_id, tracking.EPOCH_TAG: str(epoch)}
+    version = mlflow.register_model(model_info.model_uri, name, tags=origin or None)
     outcome = tracking.promote(client, name, version.version, val_error, train_loss,
                                tracking.classes_digest(info["classes"]),
                                cfg.tracking.allow_class_change)
@@ -541,10 +542,8 @@ def run_train(cfg: C.TrainConfig) -> dict:
                                  f"epochs (--early-stop-patience)")
     summary = finish_run(cfg, fs, run_dir, run_id, uri, manifest["classes"],
                          cfg.tracking.retry_minutes * 60, tags)
-    summary.update({"epochs_run": epochs_run, "epochs": cfg.run.epochs, **tags,
+    summary.update({"epochs_run": epochs_run, "epochs": cfg.run.epochs,
                     "artifacts": logged["artifacts"] + summary["artifacts"]})
-    if "stopped_early" in summary:
-        summary["stopped_early"] += f"; best epoch {summary['best_epoch'] + 1}"
     return summary
 
 
@@ -600,11 +599,11 @@ def finish_run(cfg: C.TrainConfig, fs, run_dir: str, run_id: str, uri: str,
 
     from pipelines.journal import (
         JOURNAL,
-        SENDER_HTTP_ENV,
         MetricJournal,
         TrackingUnavailable,
         drain,
         retry,
+        short_requests,
     )
 
     journal = MetricJournal(fs, f"{run_dir}/{JOURNAL}")
@@ -615,6 +614,10 @@ def finish_run(cfg: C.TrainConfig, fs, run_dir: str, run_id: str, uri: str,
                "checkpoint": path, "best_epoch": epoch,
                "val_top1_error": best.get("val_top1_error"),
                "val_top5_error": best.get("val_top5_error"), "artifacts": []}
+    tags = dict(tags or {})
+    if "stopped_early" in tags:
+        tags["stopped_early"] += f"; best epoch {epoch + 1}"
+    summary.update(tags)
     started = time.monotonic()
 
     def left() -> float:
@@ -642,10 +645,9 @@ def finish_run(cfg: C.TrainConfig, fs, run_dir: str, run_id: str, uri: str,
                         d, cfg, best.get("val_top1_error"), best.get("train_loss"),
                         run_id=run_id, epoch=epoch)
 
-    for key, value in SENDER_HTTP_ENV.items():  # short requests: the deadline is ours
-        os.environ.setdefault(key, value)
     try:
-        drain(journal, uri, run_id, left())
+        with short_requests():  # a few numbers: fail fast, retry on our own schedule
+            drain(journal, uri, run_id, left())
         retry(tracked, uri, left())
         _end_run_quietly("FINISHED")
         retry(lambda: mlflow.MlflowClient(uri).set_terminated(run_id, "FINISHED"), uri,

@@ -192,3 +192,31 @@ def test_a_server_that_never_returns_then_register(small_shards, server, tmp_pat
     assert _epochs(client, run_id) == [0, 1, 2]
     assert len(client.search_model_versions("name='outage'")) == 1
     assert client.get_model_version_by_alias("outage", "champion").version in (1, "1")
+
+
+def test_two_trainings_at_once_on_one_fresh_sqlite_store(small_shards, tmp_path):
+    """Two `train` jobs with the same --name on a store that does not exist yet, while a
+    reader polls it as `mlflow ui` would: both finish under two names, two versions, and
+    `champion` is on the better one."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = tmp_path / "ckpt"
+    reader = subprocess.Popen([sys.executable, "-c", (
+        "import time\nfrom mlflow import MlflowClient\nend = time.time() + 90\n"
+        "while time.time() < end:\n    try:\n"
+        f"        MlflowClient({uri!r}).search_runs(['0', '1', '2'])\n"
+        "    except Exception:\n        pass\n    time.sleep(0.5)\n")])
+    jobs = [_train(small_shards, storage, uri, "--epochs", str(epochs), "--seed", str(seed))
+            for epochs, seed in ((2, 0), (3, 1))]
+    outs = [job.communicate(timeout=900)[0] for job in jobs]
+    reader.kill()
+    for job, out in zip(jobs, outs, strict=True):
+        assert job.returncode == 0, out[-4000:]
+    names = sorted(p.name for p in storage.iterdir())
+    assert len(names) == 2 and names[0] == "outage" and names[1].startswith("outage-"), names
+    client = MlflowClient(uri)
+    versions = client.search_model_versions("name='outage'")
+    assert len(versions) == 2
+    best = min(versions, key=lambda v: (float(v.tags["val_top1_error"]), int(v.version)))
+    errors = sorted(float(v.tags["val_top1_error"]) for v in versions)
+    champion = client.get_model_version_by_alias("outage", "champion")
+    assert float(champion.tags["val_top1_error"]) == errors[0], (best.version, errors)
