@@ -3,11 +3,11 @@ DDP-prepared model in bf16 autocast + channels_last + the fused LRN where the CP
 bf16 -> metrics, checkpoints, MLflow) against a bare fp32 eager paper AlexNet written in
 plain `torch.nn` (nn.LocalResponseNorm, no autocast), same batch size and threads.
 
-    .venv/bin/python benchmarks/train_step.py                      # CPU, ~4 min on 2 cores
+    .venv/bin/python benchmarks/train_step.py                      # CPU, 5-7 min on 2 cores
     .venv/bin/python benchmarks/train_step.py --gpu --batch-size 128 --images 5120   # GPU
 
 Defaults: the paper variant, 1 worker with 2 threads, 1 loader process, batch 64 (issue 12's
-setting). All in one run, so the ratios compare like with like:
+setting), 192 images (3 steps an epoch). All in one run, so the ratios compare like with like:
 
 1. Data: ImageNet-like JPEGs preprocessed to 256x256 JPEG shards (benchmarks/ingest.py's
    generator; kept under /tmp/alexnet-bench-ingest).
@@ -208,7 +208,7 @@ CHILDREN = {"bare": child_bare, "bare-amp": child_bare, "ray": child_ray}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=384, help="training images (one epoch)")
+    parser.add_argument("--images", type=int, default=192, help="training images (one epoch)")
     parser.add_argument("--epochs", type=int, default=2, help="Ray run epochs (last is timed)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="torch threads = worker CPUs")
