@@ -15,9 +15,7 @@ the closed form
     dx_i  = g_i * d_i^-beta - 2*alpha*beta/size * x_i * sum_{c: i in win(c)} g_c x_c d_c^(-beta-1)
 
 which needs only ``x``, ``d^-beta`` and ``d^(-beta-1)`` (saved by the forward; about 3x the
-input's size in fp32, less than the intermediates autograd keeps for the nn version). Both
-passes run over the batch a slice at a time, so that their ~15 element-wise steps stay in
-the L2 cache.
+input's size in fp32, less than the intermediates autograd keeps for the nn version).
 
 Mixed precision: a bf16 (or fp16) input is squared and summed in fp32 (a sum of squares in
 bf16 would lose the small terms beside the large ones); the output and the input gradient
@@ -43,79 +41,42 @@ def _window_sum_(acc: torch.Tensor, src: torch.Tensor, before: int, after: int) 
     return acc
 
 
-# Elements per chunk: every pass below works on a slice of the batch this big (about one
-# conv1 or conv2 image of AlexNet, ~1 MB in fp32), so the ~15 passes over it run out of the
-# L2 cache instead of memory, and temporaries are small allocations instead of fresh
-# activation-sized pages. Measured fwd+bwd in bf16 on 2 (shared) cores, wall ms, whole
-# batch -> 2**18 chunks: [64, 96, 55, 55] 548 -> 291, [64, 256, 27, 27] 1632 -> 194
-# (2**20: 322 and 165). In fp32 the chunked passes were 2-9x slower (more, smaller
-# parallel regions; no casts to save), so fp32 runs whole-batch passes.
-_CHUNK = 1 << 18
-
-
-def _layout(x: torch.Tensor) -> torch.memory_format:
-    """The memory format in which `x` is dense, so that x[i:j] is one block of memory."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
-            and not x.is_contiguous():
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) \
-            and not x.is_contiguous():
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
 class _LRNFunction(torch.autograd.Function):
+    # Every fresh activation-sized tensor costs page faults (~2x an in-place pass over the
+    # same memory, measured at conv1's 74 MB), so the passes below work in place and the
+    # forward allocates three tensors (two of them saved), the backward two.
     @staticmethod
     def forward(ctx, x: torch.Tensor, size: int, alpha: float, beta: float, k: float):
-        acc = torch.promote_types(x.dtype, torch.float32)  # bf16/fp16 -> fp32, else as is
-        fmt = _layout(x)
-        x = x.contiguous(memory_format=fmt)
-        # Chunks only pay off for bf16/fp16 inputs (their fp32 copies and casts are the
-        # extra passes); an fp32 input measured slower in chunks than in whole-batch passes.
-        per = max(1, _CHUNK // max(1, x[0].numel())) if x.dtype != acc else x.shape[0]
-        out = torch.empty_like(x)
-        scale = torch.empty_like(x, dtype=acc)   # d^-beta, saved
-        ratio = torch.empty_like(x, dtype=acc)   # d^(-beta-1), saved
-        for i in range(0, x.shape[0], per):
-            j = i + per
-            xf = x[i:j].to(acc)  # a view when x is fp32: never written to
-            sq = torch.mul(xf, xf).mul_(alpha / size)
-            d = _window_sum_(sq + k, sq, size // 2, (size - 1) // 2)
-            if beta == 0.75:
-                # d^-0.75 = rsqrt(d) * sqrt(rsqrt(d)), d^-1.75 = d^-0.75 * rsqrt(d)^2: cheap
-                # vector ops instead of exp(log(d) * -beta), measured 2x faster.
-                r = torch.rsqrt(d, out=ratio[i:j])
-                sc = torch.sqrt(r, out=scale[i:j]).mul_(r)
-                r.mul_(r).mul_(sc)
-            else:
-                sc = torch.pow(d, -beta, out=scale[i:j])
-                torch.div(sc, d, out=ratio[i:j])
-            if out.dtype == acc:
-                torch.mul(xf, sc, out=out[i:j])
-            else:
-                out[i:j].copy_(sq.copy_(xf).mul_(sc))  # sq is spent: reuse it
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 -> fp32, else as is
+        sq = torch.mul(xf, xf)
+        sq.mul_(alpha / size)
+        d = _window_sum_(sq + k, sq, size // 2, (size - 1) // 2)
+        if beta == 0.75:
+            # d^-0.75 = rsqrt(d) * sqrt(rsqrt(d)) and d^-1.75 = d^-0.75 * rsqrt(d)^2: cheap
+            # vector ops instead of exp(log(d) * -beta), about 2x faster here.
+            r = torch.rsqrt(d, out=sq)                        # d^-0.5, in sq's memory
+            scale = torch.sqrt(r, out=d).mul_(r)              # d^-0.75, in d's memory
+            ratio = r.mul_(r).mul_(scale)                     # d^-1.75
+        else:
+            scale = torch.pow(d, -beta, out=sq)
+            ratio = d.reciprocal_().mul_(scale)               # d^(-beta-1)
+        out = torch.mul(xf, scale)
         ctx.save_for_backward(x, scale, ratio)
-        ctx.conf = (size, alpha, beta, per, fmt)
-        return out
+        ctx.conf = (size, alpha, beta)
+        return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, scale, ratio = ctx.saved_tensors
-        size, alpha, beta, per, fmt = ctx.conf
-        acc = scale.dtype
-        grad = grad.contiguous(memory_format=fmt)
-        dx = torch.empty_like(x)
-        for i in range(0, x.shape[0], per):
-            j = i + per
-            g, xf = grad[i:j].to(acc), x[i:j].to(acc)
-            t = torch.mul(g, xf).mul_(ratio[i:j])             # g_c x_c d_c^(-beta-1)
-            # Output c read the inputs in win(c), so input i was read by c in [i-after, i+before].
-            ts = _window_sum_(t.clone(), t, (size - 1) // 2, size // 2)
-            res = dx[i:j] if dx.dtype == acc else t           # t is spent: reuse its memory
-            torch.mul(g, scale[i:j], out=res).addcmul_(xf, ts, value=-2.0 * alpha * beta / size)
-            if res is t:
-                dx[i:j].copy_(t)
-        return dx, None, None, None, None
+        size, alpha, beta = ctx.conf
+        acc = torch.promote_types(x.dtype, torch.float32)
+        g, xf = grad.to(acc), x.to(acc)
+        t = torch.mul(g, xf).mul_(ratio)                      # g_c x_c d_c^(-beta-1)
+        # Output c read the inputs in win(c), so input i was read by c in [i-after, i+before].
+        ts = _window_sum_(t.clone(), t, (size - 1) // 2, size // 2)
+        dx = torch.mul(g, scale, out=t)                       # t is spent: reuse its memory
+        dx.addcmul_(xf, ts, value=-2.0 * alpha * beta / size)
+        return dx.to(x.dtype), None, None, None, None
 
 
 def local_response_norm(x: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75,
