@@ -416,6 +416,27 @@ def _claim_name(fs, root: str, name: str) -> bool:
     return not _exists(fs, f"{root}/{name}/{RUN_ID_FILE}")
 
 
+# What a failed checkpoint write looks like in a worker's error, whatever the filesystem.
+_STORAGE_ERRORS = ("No space left on device", "Disk quota exceeded", "Read-only file system",
+                   "Errno 28", "Errno 122", "Errno 30")
+
+
+def _storage_failure(exc: BaseException) -> str | None:
+    """The storage error behind a failed training, if that is what failed it: the first
+    matching line of the exception chain (Ray wraps the worker's error in its own)."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        for line in str(e).splitlines():
+            if any(m in line for m in _STORAGE_ERRORS):
+                return line.strip()[:300]
+        todo += [e.__cause__, e.__context__, *getattr(e, "worker_failures", {}).values()]
+    return None
+
+
 def _release_name(fs, run_dir: str) -> None:
     """Give back a claimed name whose run never started (a pre-flight error), so the next
     try gets it rather than a timestamped one."""
@@ -532,8 +553,18 @@ def run_train(cfg: C.TrainConfig) -> dict:
         # Ctrl-C: the run is stopped, not failed; its checkpoints are there to resume from.
         _end_run_quietly("KILLED")
         raise TrainInterrupted(name, cfg.run.storage, run_id) from None
-    except BaseException:
+    except BaseException as exc:
         _end_run_quietly("FAILED")
+        storage_error = _storage_failure(exc)
+        if storage_error:
+            kept = sorted((e, p) for e, p in _checkpoints(fs, run_dir).items() if _intact(fs, p))
+            last = f"the last checkpoint ({kept[-1][1]}, epoch {kept[-1][0]}) is intact" \
+                if kept else "no checkpoint had been written yet"
+            raise TrainError(
+                f"writing a checkpoint to {cfg.run.storage} kept failing ({storage_error}; "
+                f"{cfg.run.max_failures + 1} attempts, Ray restarting the workers between "
+                f"them); {last}: make room or fix the storage, then continue with `python "
+                f"workflow.py train --resume --name {name}`") from None
         raise
     tags = {}
     if epochs_run < cfg.run.epochs and cfg.optim.early_stop_patience:
@@ -574,6 +605,22 @@ def _checkpoints(fs, run_dir: str) -> dict[int, str]:
             if _exists(fs, path):
                 found[int(json.loads(read_text(fs, path))["epoch"])] = item.path
     return found
+
+
+def _intact(fs, path: str) -> bool:
+    """Whether a checkpoint's tensors all load (a write that failed half-way leaves a
+    truncated file behind). Reads the whole checkpoint: for error paths only."""
+    import io
+
+    import torch
+
+    try:
+        for name in ("weights.pt", "state.pt"):
+            with fs.open_input_stream(f"{path}/{name}") as fh:
+                torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - missing, truncated or unreadable: not intact
+        return False
+    return True
 
 
 def best_checkpoint(fs, run_dir: str, epochs: dict[int, dict]) -> tuple[int, str]:
