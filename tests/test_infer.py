@@ -308,7 +308,7 @@ def test_shards_input_labels_and_paths_from_records(ray_local, world, tmp_path):
     info = json.loads((flipped / "inference.json").read_text())
     info["classes"] = [{**c, "index": i} for i, c in enumerate(reversed(info["classes"]))]
     (flipped / "inference.json").write_text(json.dumps(info))
-    res, table = _infer(tmp_path, out, split="val", model=str(flipped))
+    res, table = _infer(tmp_path, out, "flipped.parquet", split="val", model=str(flipped))
     assert "matched by wnid (4 of 4 known" in res["label_note"]
     wnid_of = {c["index"]: c["wnid"] for c in info["classes"]}
     truth = {c["index"]: c["wnid"] for c in world.classes}
@@ -696,10 +696,17 @@ def test_batch_infer_on_its_own_local_ray_uses_every_core(world, tmp_path):
 @pytest.mark.slow
 def test_an_unreachable_mlflow_does_not_fail_a_finished_batch_infer(ray_local, world, tmp_path,
                                                                     monkeypatch):
+    import mlflow
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # refused at once
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    res, table = _infer(tmp_path, world.src / "val", model=str(world.a.bundle),
-                        log_to_mlflow=True)
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    try:
+        res, table = _infer(tmp_path, world.src / "val", model=str(world.a.bundle),
+                            log_to_mlflow=True)
+    finally:  # the job points MLflow's process-wide URIs at the dead server: put them back
+        mlflow.set_tracking_uri(before[0])
+        mlflow.set_registry_uri(before[1])
     assert table.num_rows == res["images"] == 20 and "mlflow_run_id" not in res
     kept = tmp_path / "p.parquet.summary.json"
     assert res["mlflow_warning"].startswith("the evaluation run could not be logged to MLflow")

@@ -57,7 +57,7 @@ class Server:
             mp.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # poll, do not back off
             while time.monotonic() < deadline:
                 try:
-                    MlflowClient(self.uri).search_experiments(max_results=1)
+                    MlflowClient(self.uri, registry_uri=self.uri).search_experiments(max_results=1)
                     return
                 except Exception:  # noqa: BLE001 - not up yet
                     time.sleep(0.5)
@@ -133,7 +133,7 @@ def test_a_tracking_outage_with_a_worker_killed_during_it(small_shards, server, 
     during = time.monotonic() - down_at
     time.sleep(max(0.0, 60 - (time.monotonic() - down_at)))
     server.start()
-    back_at, client = time.monotonic(), MlflowClient(server.uri)
+    back_at, client = time.monotonic(), MlflowClient(server.uri, registry_uri=server.uri)
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
     while len(_epochs(client, run_id)) < 8 and proc.poll() is None:
         time.sleep(0.5)
@@ -187,7 +187,7 @@ def test_a_server_that_never_returns_then_register(small_shards, server, tmp_pat
         summary = json.loads(done.stdout[done.stdout.index("{\n"):])  # after MLflow's links
         assert summary["registered"]["version"] == 1
         assert summary["registered"].get("already_registered", False) == (attempt == 1)
-    client = MlflowClient(server.uri)
+    client = MlflowClient(server.uri, registry_uri=server.uri)
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
     assert client.get_run(run_id).info.status == "FINISHED"
     assert _epochs(client, run_id) == [0, 1, 2]
@@ -214,7 +214,7 @@ def test_two_trainings_at_once_on_one_fresh_sqlite_store(small_shards, tmp_path)
         assert job.returncode == 0, out[-4000:]
     names = sorted(p.name for p in storage.iterdir())
     assert len(names) == 2 and names[0] == "outage" and names[1].startswith("outage-"), names
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
     versions = client.search_model_versions("name='outage'")
     assert len(versions) == 2
     best = min(versions, key=lambda v: (float(v.tags["val_top1_error"]), int(v.version)))
