@@ -29,10 +29,19 @@ def ray_local():
 @pytest.fixture()
 def mlflow_uri(tmp_path, monkeypatch):
     """A fresh sqlite MLflow store in a temp dir, used through MLFLOW_TRACKING_URI."""
+    import mlflow
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # the default artifact root (./mlruns) lands in the temp dir
-    return uri
+    # A job run earlier in this process (run_train, batch-infer) set MLflow's process-wide
+    # URIs; a client made with only a tracking URI would take that stale registry.
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(before[0])
+    mlflow.set_registry_uri(before[1])
 
 
 @pytest.fixture(scope="session")
