@@ -52,7 +52,7 @@ class Server:
              "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
             stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT,
             start_new_session=True)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # a loaded 2-core machine: imports take a while
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # poll, do not back off
             while time.monotonic() < deadline:
