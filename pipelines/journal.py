@@ -34,14 +34,19 @@ SENDER_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_MAX
 log = logging.getLogger(__name__)
 
 
+def prefer_short_requests() -> None:
+    """SENDER_HTTP_ENV for this process, where the user has not set those variables."""
+    for key, value in SENDER_HTTP_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 @contextlib.contextmanager
 def short_requests():
     """MLflow requests of SENDER_HTTP_ENV inside the block (unless the user set them), the
     previous settings after it: for calls that only probe or send a few numbers. Artifact
     uploads (a model's weights) keep MLflow's own, longer, timeouts."""
     saved = {k: os.environ.get(k) for k in SENDER_HTTP_ENV}
-    for key, value in SENDER_HTTP_ENV.items():
-        os.environ.setdefault(key, value)
+    prefer_short_requests()
     try:
         yield
     finally:

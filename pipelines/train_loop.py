@@ -429,10 +429,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                 lr=lr, momentum=cfg.optim.momentum)
     scheduler = make_scheduler(cfg, optimizer, lr)
     start_epoch, progress = 0, Progress()
-    from pipelines.journal import SENDER_HTTP_ENV
+    from pipelines.journal import prefer_short_requests
 
-    for key, value in SENDER_HTTP_ENV.items():  # short MLflow requests in this process
-        os.environ.setdefault(key, value)
+    prefer_short_requests()  # this worker only sends metrics: fail fast, the sender retries
     logger = rank_zero(RunMetrics, cfg, loop_config["tracking_uri"], loop_config["run_id"])
 
     checkpoint = ray.train.get_checkpoint()
