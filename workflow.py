@@ -7,6 +7,8 @@
     python workflow.py register --run checkpoints/alexnet   # when train exited with status 3
     python workflow.py batch-infer --model models:/alexnet@champion --input data/sample/val
     python workflow.py predict cat.jpg [--model models:/alexnet@champion]
+    python workflow.py import-weights alexnet-owt-7be5be79.pth --variant torchvision \
+        --classes LOC_synset_mapping.txt --alias champion
     python workflow.py info --variant paper --groups 2
 
 Ray: the cluster at RAY_ADDRESS when set (as under `ray job submit`), else a local one.
@@ -118,6 +120,18 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_weights(args: argparse.Namespace) -> int:
+    from pipelines.pretrained import import_weights
+
+    out = import_weights(args.file, args.variant, args.classes, args.name, args.alias,
+                         args.experiment)
+    alias = f" (alias {out['alias']})" if out["alias"] else ""
+    print(f"imported {args.file} ({out['variant']}, {out['num_classes']} classes) as "
+          f"{out['model_uri']}{alias}; MLflow run {out['run_id']} in experiment "
+          f"{args.experiment!r}")
+    return 0
+
+
 def cmd_batch_infer(args: argparse.Namespace) -> int:
     from pipelines.infer import run_batch_infer
 
@@ -218,6 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, metavar="STORAGE/NAME",
                    help="the run's checkpoint directory, as `train` printed it")
     p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("import-weights", help="register published AlexNet weights (a state "
+                       "dict, e.g. torchvision's) as a servable MLflow model")
+    p.add_argument("file", help="the .pth/.pt state dict (read with weights_only=True)")
+    p.add_argument("--variant", required=True, choices=("paper", "torchvision", "cifar"),
+                   help="the layout the weights are in (torchvision's file: torchvision)")
+    p.add_argument("--classes", required=True, metavar="MAPPING",
+                   help="the class index the weights were trained with: `<wnid> <name>` a "
+                        "line in index order, as ImageNet's LOC_synset_mapping.txt")
+    p.add_argument("--name", default="", help="Model Registry name (default alexnet-VARIANT)")
+    p.add_argument("--alias", default="", help="alias to give the new version, e.g. champion "
+                   "(default none)")
+    p.add_argument("--experiment", default="alexnet", help="MLflow experiment of the import "
+                   "run (default alexnet)")
+    p.set_defaults(func=cmd_import_weights)
 
     p = sub.add_parser("batch-infer", help="run a registered model over many images",
                        conflict_handler="resolve")

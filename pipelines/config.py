@@ -87,6 +87,15 @@ class ModelSection:
     init_bias: float = opt(0.1, "the positive biases of the paper init (conv2/4/5, fc6/7); "
                            "the paper says 1, which blows the loss up and stalls it "
                            "(Caffe's bvlc_alexnet uses 0.1 for the same reason)")
+    init_from: str = opt("", "start from these weights (a new run: new optimiser, epoch 1): "
+                         "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model, a "
+                         "checkpoint or bundle dir, or a .pth state dict (this project's or "
+                         "torchvision's layout); the last layer is replaced when the classes "
+                         "differ")
+    freeze: str = opt("none", "with --init-from: features trains the classifier only (the "
+                      "conv layers stay bit-identical)", ("none", "features"))
+    body_lr_mult: float = opt(1.0, "with --init-from: learning-rate multiplier of the "
+                              "pretrained layers against the last layer (e.g. 0.1)")
 
 
 @dataclass
@@ -94,8 +103,12 @@ class OptimSection:
     batch_size: int = opt(128, "images per worker per step (global batch = this x workers)")
     lr: float = opt(0.01, "learning rate for a global batch of 128; scaled linearly with the "
                     "global batch (lr x global/128)")
+    optimizer: str = opt("sgd", "sgd (the paper's, with --momentum), adam or adamw (their "
+                         "lr defaults to 1e-4 when --lr is not given)",
+                         ("sgd", "adam", "adamw"))
     momentum: float = opt(0.9, "SGD momentum")
-    weight_decay: float = opt(5e-4, "SGD weight decay, on the weights only")
+    weight_decay: float = opt(5e-4, "weight decay, on the weights only (an L2 term for sgd "
+                              "and adam, decoupled for adamw)")
     bias_decay: bool = opt(False, "apply the weight decay to biases too (Caffe's "
                            "bvlc_alexnet and cuda-convnet's configs do not)")
     warmup_epochs: int = opt(-1, "linear lr warmup over this many epochs, per step from "
@@ -136,6 +149,7 @@ class RunSection:
 @dataclass
 class TrackingSection:
     experiment: str = opt("alexnet", "MLflow experiment name")
+    description: str = opt("", "the MLflow run's description (what this run tries)")
     registered_model: str = opt("alexnet", "Model Registry name to register the model under")
     register: bool = opt(True, "log, register and (if better) promote the model at the end")
     retry_minutes: float = opt(10.0, "at the end of training, keep retrying an unreachable "

@@ -121,11 +121,16 @@ def _fit(trainer):
 def apply_variant_defaults(cfg: C.TrainConfig, given: set[str]) -> C.TrainConfig:
     """Defaults that depend on the variant, for the fields the user did not set (`given`:
     the names set by a flag or the YAML). The cifar variant is built for 32x32 inputs, so
-    its crop is 32 unless --crop says otherwise; the config's 224 is ImageNet's."""
+    its crop is 32 unless --crop says otherwise; the config's 224 is ImageNet's. Adam and
+    AdamW get their own default lr."""
     from alexnet import INPUT_SIZE
 
     if "crop" not in given:
         cfg.data.crop = INPUT_SIZE.get(cfg.model.variant, cfg.data.crop)
+    if "lr" not in given and cfg.optim.optimizer in ("adam", "adamw"):
+        # SGD's 0.01 makes Adam diverge; 1e-4 is what AlexNet implementations that train
+        # with Adam use (per global batch of 128, scaled like SGD's).
+        cfg.optim.lr = 1e-4
     return cfg
 
 
@@ -134,6 +139,8 @@ def apply_variant_defaults(cfg: C.TrainConfig, given: set[str]) -> C.TrainConfig
 RUN_ID_FILE = "mlflow_run_id"
 RUN_CONFIG_FILE = "train_config.yaml"
 CLAIM_FILE = ".claimed"  # created exclusively by the one job that owns STORAGE/NAME
+# --init-from: the fitted start weights every worker loads, and where they came from.
+INIT_WEIGHTS_FILE, INIT_FROM_FILE = "init_weights.pt", "init_from.json"
 
 
 def _abs_tracking_uri(uri: str) -> str:
@@ -253,6 +260,68 @@ def check_config(cfg: C.TrainConfig) -> tuple[dict, dict]:
     return manifest, found
 
 
+def prepare_start(cfg: C.TrainConfig, manifest: dict) -> dict | None:
+    """`--init-from`: read the weights and fit them to the model this run builds, before
+    any worker or MLflow run starts (a variant or shape mismatch is an error now). Returns
+    {state, record} or None; `record` (ref, what it resolved to, what happened to the last
+    layer, the input mean/std the pretrained layers expect) is kept beside the checkpoints
+    and in the run's tags."""
+    if not cfg.model.init_from:
+        if cfg.model.freeze != "none" or cfg.model.body_lr_mult != 1.0:
+            raise TrainError("--freeze and --body-lr-mult fine-tune pretrained layers: give "
+                             "--init-from with the weights to start from")
+        return None
+    import torch
+
+    from alexnet import build_model
+    from pipelines.pretrained import (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        WeightsError,
+        fit_to_model,
+        read_source,
+    )
+
+    try:
+        source = read_source(cfg.model.init_from)
+        torch.manual_seed(cfg.run.seed)  # the replaced head's init, as a worker would draw it
+        model = build_model(cfg.model.variant, len(manifest["classes"]), groups=cfg.model.groups,
+                            dropout=cfg.model.dropout, init=cfg.model.init,
+                            init_bias=cfg.model.init_bias)
+        fitted = fit_to_model(source, model, cfg.model.variant, cfg.model.groups,
+                              manifest["classes"])
+    except WeightsError as exc:
+        raise TrainError(str(exc)) from None
+    notes = list(fitted.notes)
+    stats = None
+    if source.info:
+        stats = {"mean": source.info["mean"], "std": source.info["std"]}
+    elif source.variant == "torchvision":  # torchvision's weights expect ImageNet's mean/std
+        stats = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    if stats:
+        notes.append("input mean/std from the source (its layers expect them)")
+    if cfg.model.freeze != "none":
+        notes.append(f"{cfg.model.freeze} frozen")
+    if cfg.model.body_lr_mult != 1.0:
+        notes.append(f"pretrained layers at {cfg.model.body_lr_mult:g} x the lr")
+    record = {"ref": cfg.model.init_from, "resolved": source.resolved or source.ref,
+              "sha256": source.sha256, "notes": notes, "stats": stats}
+    return {"state": fitted.state, "record": record}
+
+
+def _write_start(fs, run_dir: str, start: dict) -> None:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(start["state"], buf)
+    fs.create_dir(run_dir, recursive=True)
+    with fs.open_output_stream(f"{run_dir}/{INIT_WEIGHTS_FILE}") as fh:
+        fh.write(buf.getvalue())
+    write_text(fs, f"{run_dir}/{INIT_FROM_FILE}", json.dumps(start["record"], indent=1))
+
+
 def _check_cifar_scale(cfg: C.TrainConfig, manifest: dict) -> None:
     """The cifar variant on ImageNet-sized shards would train on crops several times larger
     than it is built for (224 px: 7x CIFAR's 32, 49x the FLOPs, a 3x3 pool5 averaged down
@@ -294,6 +363,30 @@ def registered_version(client, name: str, run_id: str, epoch: int | None):
     return None
 
 
+def log_bundle_model(bundle_dir: str):
+    """Log a bundle as an MLflow pyfunc model ("models from code", with a signature and an
+    input example) in the active run; returns MLflow's ModelInfo."""
+    import mlflow
+
+    from pipelines.model_package import INFERENCE, WEIGHTS, load_info
+
+    info = load_info(bundle_dir)
+    sig, example = signature_and_example(info)
+    with tempfile.TemporaryDirectory() as tmp:
+        # Only what inference needs travels: not the optimiser state of the checkpoint.
+        bundle = Path(tmp) / "bundle"
+        bundle.mkdir()
+        for fname in (WEIGHTS, INFERENCE):
+            shutil.copy2(Path(bundle_dir) / fname, bundle / fname)
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=str(ROOT / "pipelines" / "pyfunc_model.py"),
+            artifacts={"bundle": str(bundle)},
+            code_paths=[str(ROOT / "alexnet"), str(ROOT / "pipelines")],
+            signature=sig, input_example=example,
+            metadata={"variant": info["variant"], "input_size": info["input_size"],
+                      "num_classes": info["num_classes"]})
+
+
 def log_and_register(bundle_dir: str, cfg: C.TrainConfig, val_error: float | None,
                      train_loss: float | None = None, run_id: str | None = None,
                      epoch: int | None = None) -> dict:
@@ -304,7 +397,7 @@ def log_and_register(bundle_dir: str, cfg: C.TrainConfig, val_error: float | Non
     import mlflow
     from mlflow import MlflowClient
 
-    from pipelines.model_package import INFERENCE, WEIGHTS, load_info
+    from pipelines.model_package import load_info
 
     client, name = MlflowClient(), cfg.tracking.registered_model
     if run_id is not None and epoch is not None:
@@ -314,21 +407,8 @@ def log_and_register(bundle_dir: str, cfg: C.TrainConfig, val_error: float | Non
             return {"model_uri": f"models:/{name}/{done.version}", "name": name,
                     "version": int(done.version), "alias": ",".join(aliases) or None,
                     "already_registered": True}
+    model_info = log_bundle_model(bundle_dir)
     info = load_info(bundle_dir)
-    sig, example = signature_and_example(info)
-    with tempfile.TemporaryDirectory() as tmp:
-        # Only what inference needs travels: not the optimiser state of the checkpoint.
-        bundle = Path(tmp) / "bundle"
-        bundle.mkdir()
-        for fname in (WEIGHTS, INFERENCE):
-            shutil.copy2(Path(bundle_dir) / fname, bundle / fname)
-        model_info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(ROOT / "pipelines" / "pyfunc_model.py"),
-            artifacts={"bundle": str(bundle)},
-            code_paths=[str(ROOT / "alexnet"), str(ROOT / "pipelines")],
-            signature=sig, input_example=example,
-            metadata={"variant": info["variant"], "input_size": info["input_size"],
-                      "num_classes": info["num_classes"]})
     # The (run, epoch) tags go in with the version itself: a registration whose answer is
     # lost (a timeout) is still found by `registered_version` when the end is retried.
     origin = {}
@@ -491,6 +571,7 @@ def run_train(cfg: C.TrainConfig) -> dict:
 
     manifest, found = check_config(cfg)
     digest = manifest_digest(cfg.data.data)
+    start = None if cfg.run.resume else prepare_start(cfg, manifest)
     fs, root = storage_filesystem(cfg.run.storage)
     if "://" not in cfg.run.storage:
         cfg.run.storage = root
@@ -517,10 +598,21 @@ def run_train(cfg: C.TrainConfig) -> dict:
     write_text(fs, f"{run_dir}/{RUN_ID_FILE}", run_id)
     write_text(fs, f"{run_dir}/{RUN_CONFIG_FILE}", C.to_yaml(cfg))
     try:
+        if start is not None:
+            _write_start(fs, run_dir, start)
+            print(f"init from {start['record']['resolved']}: "
+                  f"{'; '.join(start['record']['notes'])}", flush=True)
+        init = json.loads(read_text(fs, f"{run_dir}/{INIT_FROM_FILE}")) \
+            if _exists(fs, f"{run_dir}/{INIT_FROM_FILE}") else None
         tags = {"dataset.manifest_sha256": digest, "ray.run_name": name,
                 "checkpoints": f"{cfg.run.storage.rstrip('/')}/{name}"
                 if "://" in cfg.run.storage else run_dir,
                 **tracking.git_commit(ROOT), **_cluster_tags(cfg)}
+        if init:
+            tags.update({"init_from": init["ref"], "init_from.resolved": init["resolved"],
+                         "init_from.notes": "; ".join(init["notes"])})
+        if cfg.tracking.description:  # MLflow shows this tag as the run's description
+            tags["mlflow.note.content"] = cfg.tracking.description
         mlflow.set_tags(tags)
         if cfg.run.resume:
             stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -534,6 +626,8 @@ def run_train(cfg: C.TrainConfig) -> dict:
             train_loop_per_worker,
             train_loop_config={"cfg": C.to_dict(cfg), "run_id": run_id, "tracking_uri": uri,
                                "driver_node_id": ray.get_runtime_context().get_node_id(),
+                               "init_weights": f"{run_dir}/{INIT_WEIGHTS_FILE}" if init else None,
+                               "init_stats": init["stats"] if init else None,
                                "chaos": json.loads(chaos) if chaos else None},
             torch_config=TorchConfig(backend="nccl" if cfg.run.gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=cfg.run.workers, use_gpu=cfg.run.gpu,

@@ -114,10 +114,12 @@ def make_scheduler(cfg: C.TrainConfig, optimizer: torch.optim.Optimizer, lr: flo
     # The paper: divide by 10 when the validation error stops improving, three times in all.
     # min_lr stops the fourth drop (0.999: float rounding must not block the third), and eps
     # (1% of the last rate) makes the 0.1% step from the third rate to min_lr a no-op.
+    # Per group: a fine-tuning's body runs at a fraction of the rate and drops as often.
     last = lr * 0.1 ** o.max_lr_drops
+    mults = [g.get("lr_mult", 1.0) for g in optimizer.param_groups]
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=0.1, patience=o.lr_patience, min_lr=last * 0.999,
-        eps=last * 0.01)
+        optimizer, mode="min", factor=0.1, patience=o.lr_patience,
+        min_lr=[last * m * 0.999 for m in mults], eps=last * min(mults) * 0.01)
 
 
 def step_scheduler(cfg: C.TrainConfig, scheduler, score: float) -> None:
@@ -154,31 +156,73 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return zlib.crc32(f"{seed}/{epoch}/{rank}".encode())
 
 
-def input_stats(cfg: C.TrainConfig, manifest: dict) -> dict[str, list]:
+def input_stats(cfg: C.TrainConfig, manifest: dict,
+                source_stats: dict | None = None) -> dict[str, list]:
     """The manifest's pixel statistics as the model sees them: with `--normalize mean` (the
     paper's) the std is 1, so `normalize` only subtracts the mean. Training, evaluation and
-    the served bundle (`inference.json`) all take mean/std from here, so they agree."""
+    the served bundle (`inference.json`) all take mean/std from here, so they agree.
+    `source_stats` (--init-from): the mean/std the pretrained layers were trained with,
+    which they keep expecting; the PCA colour statistics stay the data's."""
     s = manifest["stats"]
     std = [1.0, 1.0, 1.0] if C.resolve_auto(cfg).data.normalize == "mean" else s["std"]
-    return {"mean": s["mean"], "std": std, "eigval": s["eigval"], "eigvec": s["eigvec"]}
+    mean = s["mean"]
+    if source_stats:
+        mean, std = source_stats["mean"], source_stats["std"]
+    return {"mean": mean, "std": std, "eigval": s["eigval"], "eigvec": s["eigvec"]}
 
 
-def inference_info(cfg: C.TrainConfig, manifest: dict, num_classes: int) -> dict:
-    stats = input_stats(cfg, manifest)
+def inference_info(cfg: C.TrainConfig, manifest: dict, num_classes: int,
+                   source_stats: dict | None = None) -> dict:
+    stats = input_stats(cfg, manifest, source_stats)
     return {"variant": cfg.model.variant, "groups": cfg.model.groups,
             "num_classes": num_classes, "input_size": cfg.data.crop,
             "resize": manifest["preprocess"]["resize"],
             "mean": stats["mean"], "std": stats["std"], "classes": manifest["classes"]}
 
 
-def param_groups(net: torch.nn.Module, weight_decay: float, bias_decay: bool) -> list[dict]:
-    """SGD parameter groups: weights decay, biases (every 1-d parameter) only with
-    `bias_decay`, as in Caffe's bvlc_alexnet (decay_mult 0) and cuda-convnet's configs.
-    Decaying the positive init biases pulls the ReLUs they keep alive towards zero."""
-    weights = [p for p in net.parameters() if p.ndim > 1]
-    biases = [p for p in net.parameters() if p.ndim <= 1]
-    return [{"params": weights, "weight_decay": weight_decay},
-            {"params": biases, "weight_decay": weight_decay if bias_decay else 0.0}]
+def param_groups(net: torch.nn.Module, weight_decay: float, bias_decay: bool,
+                 body_lr_mult: float = 1.0) -> list[dict]:
+    """Optimiser parameter groups of the trainable parameters. Weights decay, biases (every
+    1-d parameter) only with `bias_decay`, as in Caffe's bvlc_alexnet (decay_mult 0) and
+    cuda-convnet's configs: decaying the positive init biases pulls the ReLUs they keep
+    alive towards zero. With `body_lr_mult` (fine-tuning), every layer but the last runs at
+    that fraction of the lr; each group's `lr_mult` says its share, and the groups at the
+    full rate come first (their lr is the one logged)."""
+    from pipelines.pretrained import HEAD
+
+    groups: dict[tuple[float, bool], list] = {}
+    for name, p in net.named_parameters():
+        if not p.requires_grad:  # frozen (--freeze): not the optimiser's business
+            continue
+        mult = 1.0 if name.startswith(HEAD + ".") else body_lr_mult
+        groups.setdefault((mult, p.ndim > 1), []).append(p)
+    order = sorted(groups, key=lambda k: (k[0] != 1.0, not k[1]))
+    return [{"params": groups[k], "lr_mult": k[0],
+             "weight_decay": weight_decay if k[1] or bias_decay else 0.0} for k in order]
+
+
+def make_optimizer(cfg: C.TrainConfig, net: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper), Adam or AdamW, at `lr` x each group's `lr_mult`."""
+    groups = param_groups(net, cfg.optim.weight_decay, cfg.optim.bias_decay,
+                          cfg.model.body_lr_mult)
+    for group in groups:
+        group["lr"] = lr * group["lr_mult"]
+    if cfg.optim.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    if cfg.optim.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum)
+
+
+def freeze(net: torch.nn.Module, what: str) -> list[str]:
+    """`--freeze features`: the conv layers keep their (pretrained) values; returns the
+    frozen parameter names. Done before DDP wraps the model, which then skips them."""
+    if what == "none":
+        return []
+    frozen = [f"{what}.{n}" for n, _ in getattr(net, what).named_parameters()]
+    for p in getattr(net, what).parameters():
+        p.requires_grad_(False)
+    return frozen
 
 
 class Warmup:
@@ -412,21 +456,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
     manifest = read_manifest(data_dir)
     num_classes = len(manifest["classes"])
     stats = {k: torch.tensor(v, dtype=torch.float32, device=device)
-             for k, v in input_stats(cfg, manifest).items()}
+             for k, v in input_stats(cfg, manifest, loop_config.get("init_stats")).items()}
     has_val = cfg.data.val_split in manifest["splits"] and \
         manifest["splits"][cfg.data.val_split]["records"] > 0
 
     model = build_model(cfg.model.variant, num_classes, groups=cfg.model.groups,
                         dropout=cfg.model.dropout, init=cfg.model.init,
                         init_bias=cfg.model.init_bias)
+    if loop_config.get("init_weights"):  # --init-from: fitted by the launcher (pretrained.py)
+        model.load_state_dict(read_init_weights(cfg, loop_config["init_weights"]))
+    freeze(model, cfg.model.freeze)
     model = precision.prepare_model(model, device, cfg.run.amp, cfg.run.compile)
     model = ray.train.torch.prepare_model(model)
     net = unwrap(model)  # the one name for the bare module: eval, checkpoints, export
 
     global_batch = cfg.optim.batch_size * world
     lr = cfg.optim.lr * global_batch / 128  # linear scaling rule, documented in README
-    optimizer = torch.optim.SGD(param_groups(net, cfg.optim.weight_decay, cfg.optim.bias_decay),
-                                lr=lr, momentum=cfg.optim.momentum)
+    optimizer = make_optimizer(cfg, net, lr)
     scheduler = make_scheduler(cfg, optimizer, lr)
     start_epoch, progress = 0, Progress()
     from pipelines.journal import prefer_short_requests
@@ -459,7 +505,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     to_device = DeviceBatches(device, cfg.data.crop, cfg.data.decode_on_gpu)
     warmup = Warmup(cfg.optim.warmup_epochs, len(train_loader))
     chaos = Chaos.from_config(loop_config.get("chaos"))
-    info = inference_info(cfg, manifest, num_classes)
+    info = inference_info(cfg, manifest, num_classes, loop_config.get("init_stats"))
     monitor = _node_monitor(loop_config, ctx)
 
     try:
@@ -515,6 +561,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 monitor.finish()
             except Exception:  # noqa: BLE001 - system metrics are a side channel
                 pass
+
+
+def read_init_weights(cfg: C.TrainConfig, path: str) -> dict[str, torch.Tensor]:
+    """The fitted start weights the launcher wrote beside the run's checkpoints (any
+    storage Ray Train writes to, so workers on every node read the same file)."""
+    import io
+
+    from pipelines.train import storage_filesystem
+
+    fs, _ = storage_filesystem(cfg.run.storage)
+    with fs.open_input_stream(path) as fh:
+        return torch.load(io.BytesIO(fh.read()), map_location="cpu", weights_only=True)
 
 
 def _checkpoint(tmp: str, *args):
