@@ -102,6 +102,14 @@ class Listing:
         return out
 
 
+def _named_classes(names) -> tuple[list[dict], dict[str, int]]:
+    """The class index of classes known by name only (wnid = name), in the order given, and
+    name -> index."""
+    names = list(names)
+    return ([{"index": i, "wnid": n, "name": n} for i, n in enumerate(names)],
+            {n: i for i, n in enumerate(names)})
+
+
 def _ext(name: str) -> str:
     return os.path.splitext(name)[1].lower()
 
@@ -237,8 +245,7 @@ def list_imagefolder(src: Path) -> Listing:
     if not names:
         raise SourceError(f"layout imagefolder: no class folders in {class_root}; expected "
                           "SRC/<class>/* or SRC/train/<class>/*")
-    classes = [{"index": i, "wnid": n, "name": n} for i, n in enumerate(names)]
-    index = {n: i for i, n in enumerate(names)}
+    classes, index = _named_classes(names)
     listing = Listing("imagefolder", classes, {}, root=str(src))
     scan = _Scanner(listing)
     for split, (root, rel) in roots.items():
@@ -567,7 +574,7 @@ def list_cifar(src: Path) -> Listing:
         files = {"train": ["train"], "val": ["test"] if (root / "test").is_file() else []}
         label_key = "fine_labels"
     names = [n.decode("latin-1") if isinstance(n, bytes) else str(n) for n in names]
-    classes = [{"index": i, "wnid": n, "name": n} for i, n in enumerate(names)]
+    classes, _ = _named_classes(names)
     listing = Listing("cifar", classes, {}, root=str(root))
     for split, batch_files in files.items():
         if not batch_files:
@@ -742,8 +749,7 @@ def list_voc(src: Path, objects: bool = False) -> Listing:
     if not splits:
         raise SourceError(f"layout voc: {root / 'ImageSets' / 'Main'} holds neither train.txt "
                           "nor val.txt, which name each split's images (VOC2012 trainval tar)")
-    classes = [{"index": i, "wnid": n, "name": n} for i, n in enumerate(VOC_CLASSES)]
-    index = {n: i for i, n in enumerate(VOC_CLASSES)}
+    classes, index = _named_classes(VOC_CLASSES)
     listing = Listing("voc", classes, {}, root=str(root))
     # One directory read tells which ids have a photo: no stat or failed open per id.
     jpegs = {}
@@ -846,11 +852,11 @@ def detect_layout(src: Path) -> tuple[str, str]:
                           f"lines). Looked for: {LOOKED_FOR}.")
     if _cifar_root(src) is not None:
         return "cifar", f"CIFAR python batches in {_cifar_root(src)}"
-    if _voc_root(src) is not None:  # before ImageFolder: JPEGImages/ looks like a class folder
-        return "voc", f"Pascal VOC (JPEGImages/, ImageSets/Main/) in {_voc_root(src)}"
     lists = [f for f in LIST_FILES if (src / f).is_file() and _looks_like_list(src / f)]
     if lists:
         return "images-list", f"images lists {lists}"
+    if _voc_root(src) is not None:  # before ImageFolder: JPEGImages/ looks like a class folder
+        return "voc", f"Pascal VOC (JPEGImages/, ImageSets/Main/) in {_voc_root(src)}"
     if (src / "train").is_dir():
         if (src / "LOC_synset_mapping.txt").is_file():
             return "imagenet", "train/ and LOC_synset_mapping.txt"
