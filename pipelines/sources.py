@@ -753,11 +753,15 @@ def list_voc(src: Path, objects: bool = False) -> Listing:
     listing = Listing("voc", classes, {}, root=str(root))
     # One directory read tells which ids have a photo: no stat or failed open per id.
     jpegs = {}
-    with os.scandir(root / "JPEGImages") as it:
-        for e in it:
-            stem, ext = os.path.splitext(e.name)
-            if ext.lower() in IMAGE_EXTENSIONS and (stem not in jpegs or ext == ".jpg"):
-                jpegs[stem] = e.name
+    try:
+        with os.scandir(root / "JPEGImages") as it:
+            for e in it:
+                stem, ext = os.path.splitext(e.name)
+                if ext.lower() in IMAGE_EXTENSIONS and (stem not in jpegs or ext == ".jpg"):
+                    jpegs[stem] = e.name
+    except OSError as exc:
+        raise SourceError(f"cannot read folder {root / 'JPEGImages'}: {exc.strerror}; fix its "
+                          "permissions") from None
     seen: dict[str, str] = {}
     images = difficult = other_classes = 0
     for split in splits:
