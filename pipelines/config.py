@@ -34,11 +34,15 @@ def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
 # --------------------------------------------------------------------------- preprocess
 @dataclass
 class PreprocessConfig:
-    source: str = opt("", "source dataset: a folder (ImageNet, ImageFolder, CIFAR batches) or "
-                      "an images list file")
+    source: str = opt("", "source dataset: a folder (ImageNet, ImageFolder, CIFAR batches, "
+                      "Pascal VOC 2012) or an images list file")
     out: str = opt("", "output directory for shards, manifest.json and quarantine.jsonl")
     layout: str = opt("auto", "source layout; auto detects it and says which it found",
-                      ("auto", "imagenet", "imagefolder", "images-list", "cifar"))
+                      ("auto", "imagenet", "imagefolder", "images-list", "cifar", "voc"))
+    voc_objects: bool = opt(False, "Pascal VOC (multi-label) read as one record per "
+                            "non-difficult object, its box cropped with a margin of 0.08 x "
+                            "the box side; default: one record per image, labelled with its "
+                            "largest non-difficult object (--layout voc only)")
     resize: int = opt(256, "rescale so the shorter side is this many pixels")
     center_crop: bool = opt(True, "then keep the central resize x resize square (the paper's 256x256)")
     encoding: str = opt("jpeg", "record encoding: jpeg (small) or raw uint8 (no decode cost)",

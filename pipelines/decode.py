@@ -45,6 +45,10 @@ MAX_PIXELS = 178_956_970
 # With --no-center-crop the longer side is kept; refuse rescaled images longer than this many
 # times the target (a 1x5000 strip rescaled to 256 would be a 1.3-million-pixel-long row).
 MAX_ASPECT = 16
+# An object crop (preprocess --voc-objects) keeps this fraction of the box's side around the
+# box on each side, clipped to the photo: a little context, as detection-to-classification
+# crops usually keep, so the object's edges are not cut by a box drawn a pixel tight.
+BOX_MARGIN = 0.08
 
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 # libjpeg writes RGB straight out (IMREAD_COLOR_RGB): no BGR->RGB pass afterwards; a BGR decode
@@ -286,6 +290,20 @@ def rescale(rgb: np.ndarray, size: int, center_crop: bool = True) -> np.ndarray:
         interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
         rgb = cv2.resize(rgb, (nw, nh), interpolation=interp)
     return np.ascontiguousarray(rgb)
+
+
+def crop_box(rgb: np.ndarray, box, margin: float = BOX_MARGIN) -> np.ndarray:
+    """The region of `box` (x0, y0, x1, y1: 0-based, end excluded, in the decoded image's
+    pixels) widened by `margin` x its width and height on each side, clipped to the image.
+    DecodeError when the box does not lie inside the image (an annotation that disagrees
+    with the photo it describes)."""
+    h, w = rgb.shape[:2]
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+        raise DecodeError(f"box ({x0},{y0})-({x1},{y1}) lies outside the decoded {w}x{h} "
+                          "photo; correct the annotation's <bndbox> (or <size>)")
+    mx, my = round(margin * (x1 - x0)), round(margin * (y1 - y0))
+    return rgb[max(y0 - my, 0):min(y1 + my, h), max(x0 - mx, 0):min(x1 + mx, w)]
 
 
 def encode(rgb: np.ndarray, encoding: str, quality: int = 90) -> bytes:

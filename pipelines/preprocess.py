@@ -39,9 +39,9 @@ import pyarrow as pa
 
 from pipelines import shards as sh
 from pipelines.config import PreprocessConfig, to_dict
-from pipelines.decode import DecodeError, decode_rgb, encode, pixel_moments, rescale
+from pipelines.decode import DecodeError, crop_box, decode_rgb, encode, pixel_moments, rescale
 from pipelines.runtime import cluster_cpus, init_ray, stop_local_ray, warm_data_workers
-from pipelines.sources import Listing, list_source
+from pipelines.sources import VOC_OBJECT, Listing, list_source
 
 # Bytes per encoded 256x256 record when no sample could be encoded to measure it.
 EST_RECORD_BYTES = {"jpeg": 30_000, "raw": 256 * 256 * 3}
@@ -63,16 +63,27 @@ def _say(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------- map stage
-def _read(source: str, rel: str) -> bytes:
+def _read(source: str, rel: str, cropped: bool = False) -> bytes:
+    # The records cut from one photo (VOC objects) are named "<photo>#obj<N>" so their source
+    # paths stay distinct; the file is the photo.
+    if cropped:
+        rel = rel.rpartition(VOC_OBJECT)[0] or rel
     with open(os.path.join(source, rel), "rb") as fh:
         return fh.read()
 
 
 def process_one(data: bytes | None, pixels: bytes | None, resize: int, center_crop: bool,
-                encoding: str, quality: int, reduced_decode: bool) -> tuple[np.ndarray, bytes]:
-    """One image's bytes (a file's, or a CIFAR row's CHW pixels) -> (rescaled RGB, encoded)."""
+                encoding: str, quality: int, reduced_decode: bool,
+                crop: np.ndarray | None = None) -> tuple[np.ndarray, bytes]:
+    """One image's bytes (a file's, or a CIFAR row's CHW pixels) -> (rescaled RGB, encoded).
+    `crop`: a box (x0, y0, x1, y1, full-size pixels) cut out, with a margin, before the
+    rescale."""
     if pixels is not None:  # CIFAR: 3072 bytes, channel-major 3 x 32 x 32
         rgb = np.frombuffer(pixels, np.uint8).reshape(3, 32, 32).transpose(1, 2, 0)
+    elif crop is not None:
+        # Decoded at full size: the box is in full-size pixels, and a reduced decode (sized for
+        # the whole photo's shorter side) could leave a small box below --resize.
+        rgb = crop_box(decode_rgb(data), crop)
     else:
         rgb = decode_rgb(data, min_side=resize if reduced_decode else 0)
     rgb = rescale(rgb, resize, center_crop)
@@ -87,15 +98,17 @@ def process_batch(batch: dict[str, np.ndarray], source: str, resize: int, center
     sums = np.zeros((n, 3), np.int64)
     outers = np.zeros((n, 9), np.int64)
     pixels = np.zeros(n, np.int64)
-    cifar = batch.get("pixels")
+    cifar, crops = batch.get("pixels"), batch.get("crop")
     for i, rel in enumerate(batch["path"]):
         try:
             if cifar is not None:
                 rgb, image = process_one(None, bytes(cifar[i]), resize, center_crop, encoding,
                                          quality, reduced_decode)
             else:
-                rgb, image = process_one(_read(source, str(rel)), None, resize, center_crop,
-                                         encoding, quality, reduced_decode)
+                crop = None if crops is None else np.frombuffer(bytes(crops[i]), "<i4")
+                rgb, image = process_one(_read(source, str(rel), crop is not None), None,
+                                         resize, center_crop, encoding, quality,
+                                         reduced_decode, crop)
         except DecodeError as exc:
             reasons[i] = str(exc)
             continue
@@ -109,7 +122,8 @@ def process_batch(batch: dict[str, np.ndarray], source: str, resize: int, center
                                    str(rel), image)
         s, o, p = pixel_moments(rgb)
         sums[i], outers[i], pixels[i] = s, o.reshape(9), p
-    out = {k: v for k, v in batch.items() if k != "pixels"}  # raw CIFAR pixels stop here
+    # raw CIFAR pixels and crop boxes stop here
+    out = {k: v for k, v in batch.items() if k not in ("pixels", "crop")}
     return {**out, "value": np.array(values, dtype=object), "reason": np.array(reasons),
             "sum": sums, "outer": outers, "pixels": pixels}
 
@@ -322,9 +336,10 @@ def estimate_record_bytes(listing: Listing, split: str, cfg: PreprocessConfig) -
         rel, _ = items[i]
         try:
             pix = listing.pixels[split][i].tobytes() if split in listing.pixels else None
-            data = None if pix is not None else _read(listing.root, rel)
+            crop = listing.crops[split][i] if split in listing.crops else None
+            data = None if pix is not None else _read(listing.root, rel, crop is not None)
             _, image = process_one(data, pix, cfg.resize, cfg.center_crop, cfg.encoding,
-                                   cfg.quality, cfg.reduced_decode)
+                                   cfg.quality, cfg.reduced_decode, crop)
             sizes.append(len(image) + sh.HEADER.size + len(rel.encode()))
         except (DecodeError, OSError):
             continue
@@ -344,7 +359,8 @@ def plan_shards(n: int, cfg: PreprocessConfig, record_bytes: float | None = None
 
 
 def assign_shards(items: list[tuple[str, int]], num_shards: int, seed: int,
-                  split: str, pixels: np.ndarray | None = None) -> pa.Table:
+                  split: str, pixels: np.ndarray | None = None,
+                  crops: np.ndarray | None = None) -> pa.Table:
     """Shuffle with the seed (training reads shards in order, so the order is decided here)
     and cut into `num_shards` near-equal contiguous shards (sizes differ by at most one)."""
     order = np.random.default_rng([seed, sum(split.encode())]).permutation(len(items))
@@ -360,16 +376,23 @@ def assign_shards(items: list[tuple[str, int]], num_shards: int, seed: int,
         flat = np.ascontiguousarray(pixels[order])
         columns["pixels"] = pa.FixedSizeBinaryArray.from_buffers(
             pa.binary(flat.shape[1]), len(items), [None, pa.py_buffer(flat.tobytes())])
+    if crops is not None:  # VOC object rows carry their box: 4 little-endian int32
+        flat = np.ascontiguousarray(crops[order], "<i4")
+        columns["crop"] = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(16), len(items), [None, pa.py_buffer(flat.tobytes())])
     return pa.table(columns)
 
 
 def listing_digest(listing: Listing) -> str:
-    """sha256 over every split's (path, label) list: a resumed run must see the same source."""
+    """sha256 over every split's (path, label) list, and crop boxes where there are any: a
+    resumed run must see the same source."""
     digest = hashlib.sha256()
     for split in sorted(listing.splits):
         digest.update(split.encode() + b"\0")
         for rel, label in listing.splits[split]:
             digest.update(f"{rel}\t{label}\n".encode())
+        if split in listing.crops:  # an edited <bndbox> changes the records
+            digest.update(np.ascontiguousarray(listing.crops[split], "<i4").tobytes())
     return digest.hexdigest()
 
 
@@ -391,6 +414,9 @@ def moments_to_stats(total_sum: np.ndarray, total_outer: np.ndarray, pixels: int
 def _params(cfg: PreprocessConfig, listing: Listing) -> dict:
     skip = ("out", "overwrite", "batch_size", "dry_run")
     params = {k: v for k, v in to_dict(cfg).items() if k not in skip}
+    if listing.layout != "voc":
+        # Meaningless elsewhere, and OUTs made before it existed would no longer match.
+        params.pop("voc_objects", None)
     params["source"] = str(Path(cfg.source).resolve())
     params["layout"] = listing.layout
     return params
@@ -494,14 +520,15 @@ def _load_plan(out: Path, plan: dict, overwrite: bool) -> dict:
 def dry_run(cfg: PreprocessConfig, listing: Listing | None = None) -> dict:
     """What `preprocess` would do, without writing anything: layout, per split and class
     counts, quarantined-at-listing files, shard plan and estimated size."""
-    listing = listing or list_source(cfg.source, cfg.layout)
+    listing = listing or list_source(cfg.source, cfg.layout, cfg.voc_objects)
     plan = _make_plan(listing, cfg)
     counts = listing.counts()
     for split, p in plan["splits"].items():
         counts[split].update(shards=p["shards"], record_bytes=p["record_bytes"],
                              est_mb=round((p["record_bytes"] or 0) * p["images"] / 1e6, 1))
     return {"dry_run": True, "source": cfg.source, "out": cfg.out, "layout": listing.layout,
-            "detected": listing.detected, "classes": len(listing.classes), "splits": counts,
+            "detected": listing.detected, "reading": listing.reading,
+            "classes": len(listing.classes), "splits": counts,
             "quarantine": listing.quarantine[:50],
             "ignored_examples": listing.ignored_examples}
 
@@ -509,6 +536,7 @@ def dry_run(cfg: PreprocessConfig, listing: Listing | None = None) -> dict:
 def format_dry_run(report: dict) -> str:
     lines = [f"dry run: nothing written. layout {report['layout']} ({report['detected']}), "
              f"{report['classes']} classes",
+             *([report["reading"]] if report.get("reading") else []),
              f"{'split':<8}{'images':>10}{'quarantined':>13}{'ignored':>9}{'shards':>8}"
              f"{'est. MB':>10}"]
     for split, c in report["splits"].items():
@@ -573,7 +601,8 @@ def _pending_table(out: Path, listing: Listing, plan: dict, seed: int) -> tuple[
         if not items:
             continue
         (out / split).mkdir(exist_ok=True)
-        table = assign_shards(items, n_shards, seed, split, listing.pixels.get(split))
+        table = assign_shards(items, n_shards, seed, split, listing.pixels.get(split),
+                              listing.crops.get(split))
         shard_col, pos_col = table["shard"].to_numpy(), table["pos"].to_numpy()
         keep = np.ones(table.num_rows, bool)
         for shard, size in enumerate(shard_sizes(len(items), n_shards)):
@@ -617,10 +646,12 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
         raise PreprocessError("both --source and --out are required")
     check_config(cfg)
     started = time.time()
-    listing: Listing = list_source(cfg.source, cfg.layout)
+    listing: Listing = list_source(cfg.source, cfg.layout, cfg.voc_objects)
     timing = {"listing_s": time.time() - started}
     _say(f"layout {listing.layout}: {listing.detected}; "
          + ", ".join(f"{s} {len(v)} images" for s, v in listing.splits.items()))
+    if listing.reading:
+        _say(listing.reading)
     if cfg.dry_run:
         return dry_run(cfg, listing)
     out = Path(cfg.out)
@@ -837,6 +868,8 @@ def build_manifest(out: Path, listing: Listing, plan: dict, params: dict, starte
         "format": sh.FORMAT_VERSION,
         "layout": listing.layout,
         "detected": listing.detected,
+        # how a multi-label source (VOC) became one label a record; other layouts have none
+        **({"reading": listing.reading} if listing.reading else {}),
         "classes": listing.classes,
         "splits": splits,
         "stats": moments_to_stats(train_sum, train_outer, train_pixels),

@@ -13,6 +13,13 @@ Layouts (`--layout`, default `auto`; see README "Data layouts"):
                folder holding train.txt / val.txt / test.txt
   cifar        CIFAR-10 (batches.meta, data_batch_1..5, test_batch) or CIFAR-100 (meta,
                train, test) python batches; their test set becomes split "val"
+  voc          Pascal VOC 2012 as downloaded: VOC2012/{JPEGImages,Annotations,ImageSets/Main};
+               SRC is VOC2012/ or a folder holding VOC2012/ or VOCdevkit/VOC2012/; splits
+               from ImageSets/Main/{train,val}.txt; the class index is VOC's 20 classes in
+               VOC's order. VOC is multi-label, a record has one label: by default one
+               record per image, labelled with its largest non-difficult object (box area);
+               with --voc-objects one record per non-difficult object ("<jpeg>#obj<N>", N
+               the object's place in the XML), its box cropped with a margin at decode time
 
 Listing uses os.scandir: directory entries already say file or folder (d_type), so a million
 files are listed from a few thousand directory reads, in one process, with no stat per file
@@ -25,6 +32,13 @@ opcode stream with `pickletools.genops` (a parser that executes nothing) and bui
 dicts, lists, strings, numbers and plain numeric numpy arrays. It never calls
 `pickle.load`, imports nothing and refuses any other global, so a tampered batch file cannot
 run code; it is an error, not a risk.
+
+VOC annotations are XML from a download, so they are parsed with defusedxml (no entity
+expansion, no external references), never xml.etree directly. Each annotation is read in
+the driver at listing time (~11,500 files of ~1 KB for VOC2012 train+val, a few seconds):
+the label depends on its objects. A missing, unparsable or empty annotation, an unknown
+class, a box outside the image's <size>, only difficult objects, an id without its JPEG:
+each is quarantined with a reason, never fatal.
 """
 
 from __future__ import annotations
@@ -39,8 +53,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import ParseError, fromstring
 
-LAYOUTS = ("imagenet", "imagefolder", "images-list", "cifar")
+from pipelines.decode import BOX_MARGIN
+
+LAYOUTS = ("imagenet", "imagefolder", "images-list", "cifar", "voc")
 IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".webp",
                     ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"}
 SPLIT_DIRS = ("train", "val", "test")
@@ -64,6 +82,10 @@ class Listing:
     ignored: dict[str, int] = field(default_factory=dict)            # split -> non-image files
     ignored_examples: dict[str, list[str]] = field(default_factory=dict)
     pixels: dict[str, np.ndarray] = field(default_factory=dict)      # cifar: split -> (N, 3072)
+    # voc --voc-objects: split -> (N, 4) int32 box x0, y0, x1, y1 (0-based, end excluded, in
+    # the photo's full-size pixels) that decode crops, aligned with the split's items
+    crops: dict[str, np.ndarray] = field(default_factory=dict)
+    reading: str = ""  # how a multi-label source became one label a record, in words
 
     def counts(self) -> dict[str, dict]:
         """Per split: images listed, quarantined at listing time, and images per class."""
@@ -78,6 +100,14 @@ class Listing:
                           "per_class": {c["wnid"]: int(per_class[c["index"]])
                                         for c in self.classes}}
         return out
+
+
+def _named_classes(names) -> tuple[list[dict], dict[str, int]]:
+    """The class index of classes known by name only (wnid = name), in the order given, and
+    name -> index."""
+    names = list(names)
+    return ([{"index": i, "wnid": n, "name": n} for i, n in enumerate(names)],
+            {n: i for i, n in enumerate(names)})
 
 
 def _ext(name: str) -> str:
@@ -215,8 +245,7 @@ def list_imagefolder(src: Path) -> Listing:
     if not names:
         raise SourceError(f"layout imagefolder: no class folders in {class_root}; expected "
                           "SRC/<class>/* or SRC/train/<class>/*")
-    classes = [{"index": i, "wnid": n, "name": n} for i, n in enumerate(names)]
-    index = {n: i for i, n in enumerate(names)}
+    classes, index = _named_classes(names)
     listing = Listing("imagefolder", classes, {}, root=str(src))
     scan = _Scanner(listing)
     for split, (root, rel) in roots.items():
@@ -545,7 +574,7 @@ def list_cifar(src: Path) -> Listing:
         files = {"train": ["train"], "val": ["test"] if (root / "test").is_file() else []}
         label_key = "fine_labels"
     names = [n.decode("latin-1") if isinstance(n, bytes) else str(n) for n in names]
-    classes = [{"index": i, "wnid": n, "name": n} for i, n in enumerate(names)]
+    classes, _ = _named_classes(names)
     listing = Listing("cifar", classes, {}, root=str(root))
     for split, batch_files in files.items():
         if not batch_files:
@@ -576,11 +605,231 @@ def list_cifar(src: Path) -> Listing:
     return listing
 
 
+# --------------------------------------------------------------------------- pascal voc
+# VOC's own class order (devkit VOCinit.m): the class index, so label i means the same class
+# in every VOC-derived dataset and in published per-class results.
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+               "sheep", "sofa", "train", "tvmonitor")
+VOC_SPLITS = ("train", "val")  # ImageSets/Main/<split>.txt; trainval.txt is their union
+VOC_OBJECT = "#obj"  # "JPEGImages/<id>.jpg#obj<N>": one record of --voc-objects
+MAX_ANNOTATION_BYTES = 1 << 20  # VOC's annotations are under 10 KB; more is not one of them
+
+
+class VocObject(NamedTuple):
+    number: int                     # 1-based place among the XML's <object>s ("#obj<N>")
+    name: str
+    difficult: bool
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1: 0-based, end excluded
+    problem: str                    # why the object cannot be used; "" when it can
+
+    @property
+    def area(self) -> int:
+        return (self.box[2] - self.box[0]) * (self.box[3] - self.box[1])
+
+
+class AnnotationError(ValueError):
+    """An annotation that gives no object at all; the message is the quarantine reason."""
+
+
+def _xml_int(node, tag: str) -> int | None:
+    text = node.findtext(tag) if node is not None else None
+    try:
+        return round(float(text))  # a few VOC2012 boxes are written as "273.5"
+    except (TypeError, ValueError):
+        return None
+
+
+def read_voc_annotation(path: Path, rel: str) -> list[VocObject]:
+    """The objects of one VOC annotation file, each with its problem ("" if none);
+    AnnotationError when the file gives none (missing, too large, not XML, no <object>).
+    `rel` names the file in reasons."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_ANNOTATION_BYTES + 1)
+    except FileNotFoundError:
+        raise AnnotationError(f"no annotation {rel}: the label comes from it; restore it from "
+                              "the VOC2012 trainval tar or drop the id from the split's "
+                              "ImageSets/Main list") from None
+    except OSError as exc:
+        raise AnnotationError(f"annotation {rel} is unreadable ({exc.strerror}); fix its "
+                              "permissions or restore it") from None
+    if len(data) > MAX_ANNOTATION_BYTES:
+        raise AnnotationError(f"annotation {rel} is over {MAX_ANNOTATION_BYTES >> 20} MiB, not "
+                              "a VOC annotation (those are under 10 KB); restore it")
+    try:
+        root = fromstring(data)
+    except (ParseError, DefusedXmlException) as exc:
+        raise AnnotationError(f"annotation {rel} is not valid VOC XML ({type(exc).__name__}: "
+                              f"{exc}); restore it from the VOC2012 tar or fix it") from None
+    # Without a usable <size> the boxes are checked against the decoded photo instead (a
+    # --voc-objects crop); the default reading only compares box areas.
+    size = root.find("size")
+    width, height = _xml_int(size, "width"), _xml_int(size, "height")
+    objects = []
+    for number, node in enumerate(root.findall("object"), 1):
+        name = (node.findtext("name") or "").strip()
+        difficult = (node.findtext("difficult") or "0").strip() == "1"
+        bndbox = node.find("bndbox")
+        coords = [_xml_int(bndbox, t) for t in ("xmin", "ymin", "xmax", "ymax")]
+        box, problem = (0, 0, 0, 0), ""
+        if name not in VOC_CLASSES:
+            problem = (f"{rel} object {number}: class {name!r} is not one of VOC's 20 classes; "
+                       "correct its <name>")
+        elif None in coords:
+            problem = (f"{rel} object {number} ({name}): <bndbox> lacks a numeric xmin, ymin, "
+                       "xmax or ymax; correct it")
+        else:
+            xmin, ymin, xmax, ymax = coords
+            # VOC counts pixels from 1, ends included; a 0 from 0-based tools is let through.
+            box = (max(xmin - 1, 0), max(ymin - 1, 0), xmax, ymax)
+            outside = bool(width and height and width > 0 and height > 0
+                           and (xmax > width or ymax > height))
+            if min(coords) < 0 or xmax < xmin or ymax < ymin or box[2] <= box[0] \
+                    or box[3] <= box[1]:
+                problem = (f"{rel} object {number} ({name}): box ({xmin},{ymin})-({xmax},{ymax}) "
+                           "is empty or negative; correct its <bndbox>")
+            elif outside:
+                problem = (f"{rel} object {number} ({name}): box ({xmin},{ymin})-({xmax},{ymax}) "
+                           f"lies outside the {width}x{height} image its <size> gives; correct "
+                           "the <bndbox> or the <size>")
+        objects.append(VocObject(number, name, difficult, box, problem))
+    if not objects:
+        raise AnnotationError(f"annotation {rel} has no <object>, so no label; add its objects "
+                              "or drop the id from the split's ImageSets/Main list")
+    return objects
+
+
+def _voc_root(src: Path) -> Path | None:
+    for root in (src, src / "VOC2012", src / "VOCdevkit" / "VOC2012"):
+        if (root / "JPEGImages").is_dir() and (root / "ImageSets" / "Main").is_dir():
+            return root
+    return None
+
+
+def _voc_ids(root: Path, split: str, listing: Listing, seen: dict[str, str]) -> list[str]:
+    """The image ids of ImageSets/Main/<split>.txt, once each and in no other split."""
+    rel = f"ImageSets/Main/{split}.txt"
+    try:
+        text = (root / rel).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SourceError(f"cannot read {root / rel}: {exc}") from None
+    ids = []
+    for n, line in enumerate(text.splitlines(), 1):
+        tokens = line.split()
+        where = f"{rel}:{n}"
+        if not tokens:
+            continue
+        if len(tokens) != 1:  # e.g. a per-class list ("2008_000008 -1") given as train.txt
+            listing.quarantine.append({"split": split, "path": where, "reason": (
+                f"expected one image id a line, got {line.strip()!r}; the split lists are "
+                "ImageSets/Main/train.txt and val.txt as downloaded")})
+        elif tokens[0] in seen:
+            listing.quarantine.append({"split": split, "path": where, "reason": (
+                f"image id {tokens[0]} listed again (first in {seen[tokens[0]]}); kept once, "
+                "so no image is in two splits or twice in one")})
+        else:
+            seen[tokens[0]] = where
+            ids.append(tokens[0])
+    return ids
+
+
+def list_voc(src: Path, objects: bool = False) -> Listing:
+    """Pascal VOC 2012 (see the module docstring): one record per image labelled with its
+    largest non-difficult object, or with `objects` one record per non-difficult object."""
+    root = _voc_root(src)
+    if root is None:
+        raise SourceError(f"layout voc: no JPEGImages/ and ImageSets/Main/ in {src}, "
+                          f"{src / 'VOC2012'} or {src / 'VOCdevkit' / 'VOC2012'}; give the "
+                          "VOC2012 folder of the extracted trainval tar as --source")
+    if not (root / "Annotations").is_dir():
+        raise SourceError(f"layout voc: {root / 'Annotations'} is missing; the labels come "
+                          "from its XML files (VOC2012 trainval tar)")
+    splits = [s for s in VOC_SPLITS if (root / "ImageSets" / "Main" / f"{s}.txt").is_file()]
+    if not splits:
+        raise SourceError(f"layout voc: {root / 'ImageSets' / 'Main'} holds neither train.txt "
+                          "nor val.txt, which name each split's images (VOC2012 trainval tar)")
+    classes, index = _named_classes(VOC_CLASSES)
+    listing = Listing("voc", classes, {}, root=str(root))
+    # One directory read tells which ids have a photo: no stat or failed open per id.
+    jpegs = {}
+    try:
+        with os.scandir(root / "JPEGImages") as it:
+            for e in it:
+                stem, ext = os.path.splitext(e.name)
+                if ext.lower() in IMAGE_EXTENSIONS and (stem not in jpegs or ext == ".jpg"):
+                    jpegs[stem] = e.name
+    except OSError as exc:
+        raise SourceError(f"cannot read folder {root / 'JPEGImages'}: {exc.strerror}; fix its "
+                          "permissions") from None
+    seen: dict[str, str] = {}
+    images = difficult = other_classes = 0
+    for split in splits:
+        items, boxes = listing.splits.setdefault(split, []), []
+
+        def reject(path: str, reason: str, split: str = split) -> None:
+            listing.quarantine.append({"split": split, "path": path, "reason": reason})
+
+        for image_id in _voc_ids(root, split, listing, seen):
+            name = jpegs.get(image_id)
+            jpeg = f"JPEGImages/{name or image_id + '.jpg'}"
+            if name is None:
+                reject(jpeg, f"listed in ImageSets/Main/{split}.txt but {jpeg} does not exist; "
+                             "restore it from the VOC2012 tar or drop the id from the list")
+                continue
+            try:
+                found = read_voc_annotation(root / "Annotations" / f"{image_id}.xml",
+                                            f"Annotations/{image_id}.xml")
+            except AnnotationError as exc:
+                reject(jpeg, str(exc))
+                continue
+            usable = [o for o in found if not o.difficult]
+            if not usable:
+                reject(jpeg, f"Annotations/{image_id}.xml: all its {len(found)} object(s) are "
+                             "marked difficult, which VOC leaves out of training and "
+                             "evaluation: nothing to label it with")
+                continue
+            if objects:
+                for o in found:
+                    if o.problem:
+                        reject(f"{jpeg}{VOC_OBJECT}{o.number}", o.problem)
+                    elif o.difficult:
+                        difficult += 1
+                    else:
+                        items.append((f"{jpeg}{VOC_OBJECT}{o.number}", index[o.name]))
+                        boxes.append(o.box)
+                continue
+            problems = [o.problem for o in found if o.problem]
+            if problems:  # a wrong class or box: which object is the largest is unknown
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                reject(jpeg, problems[0] + more)
+                continue
+            largest = max(usable, key=lambda o: o.area)  # the first of equals: XML order
+            images += 1
+            other_classes += len({o.name for o in usable}) > 1
+            items.append((jpeg, index[largest.name]))
+        if objects:
+            listing.crops[split] = np.asarray(boxes, np.int32).reshape(-1, 4)
+    if objects:
+        listing.reading = (
+            f"VOC multi-label read as one record per non-difficult object: its box cropped "
+            f"with a margin of {BOX_MARGIN:g} x the box side (clipped to the photo) before the "
+            f"rescale, named <jpeg>{VOC_OBJECT}<N>; {difficult} difficult object(s) left out, "
+            "as VOC's evaluation leaves them out")
+    else:
+        listing.reading = (
+            f"VOC multi-label read as one record per image, labelled with its largest "
+            f"non-difficult object by box area; {other_classes} of {images} image(s) also hold "
+            "other classes, which are not recorded (--voc-objects: one record per object)")
+    return listing
+
+
 # --------------------------------------------------------------------------- detection
 LOOKED_FOR = (
     "an images list (a text file of 'class_id image_path' lines, or a folder with train.txt/"
     "val.txt); CIFAR python batches (batches.meta + data_batch_*, or meta + train + test); "
     "ImageNet (train/<wnid>/ with wnids like n01440764, or LOC_synset_mapping.txt); "
+    "Pascal VOC (VOC2012/ with JPEGImages/ and ImageSets/Main/, or VOCdevkit/VOC2012/); "
     "ImageFolder (<class>/ folders, or train/<class>/, holding images)")
 
 
@@ -610,6 +859,8 @@ def detect_layout(src: Path) -> tuple[str, str]:
     lists = [f for f in LIST_FILES if (src / f).is_file() and _looks_like_list(src / f)]
     if lists:
         return "images-list", f"images lists {lists}"
+    if _voc_root(src) is not None:  # before ImageFolder: JPEGImages/ looks like a class folder
+        return "voc", f"Pascal VOC (JPEGImages/, ImageSets/Main/) in {_voc_root(src)}"
     if (src / "train").is_dir():
         if (src / "LOC_synset_mapping.txt").is_file():
             return "imagenet", "train/ and LOC_synset_mapping.txt"
@@ -630,7 +881,7 @@ def detect_layout(src: Path) -> tuple[str, str]:
                       "'Data layouts'.")
 
 
-def list_source(src: str | os.PathLike, layout: str = "auto") -> Listing:
+def list_source(src: str | os.PathLike, layout: str = "auto", voc_objects: bool = False) -> Listing:
     src = Path(src)
     if not src.exists():
         raise SourceError(f"source {src} is not a readable directory: it does not exist")
@@ -642,9 +893,13 @@ def list_source(src: str | os.PathLike, layout: str = "auto") -> Listing:
     if layout == "auto":
         layout, detected = detect_layout(src)
     listers = {"imagenet": list_imagenet, "imagefolder": list_imagefolder,
-               "images-list": list_images_list, "cifar": list_cifar}
+               "images-list": list_images_list, "cifar": list_cifar,
+               "voc": lambda s: list_voc(s, voc_objects)}
     if layout not in listers:
         raise SourceError(f"layout {layout!r} is not one of {list(LAYOUTS)}")
+    if voc_objects and layout != "voc":
+        raise SourceError(f"--voc-objects crops Pascal VOC's object boxes, but {src} is read "
+                          f"as the {layout} layout; drop --voc-objects or use --layout voc")
     listing = listers[layout](src)
     listing.detected = detected or f"--layout {layout}"
     if not any(listing.splits.values()):
