@@ -240,19 +240,22 @@ def export_model(ref: str, fmt: str, out: str | os.PathLike, overwrite: bool = F
     from pipelines.predict import resolve_model
 
     with tempfile.TemporaryDirectory(prefix="alexnet-export-") as dl:
-        ref_ = resolve_model(ref, dl)
-        model, info = load_bundle(ref_.bundle)  # eval mode, CPU
+        resolved = resolve_model(ref, dl)
+        model, info = load_bundle(resolved.bundle)  # eval mode, CPU
     model = model.float()  # fp32 whatever the weights were saved in
-    source = {"uri": ref_.uri, "name": ref_.name, "version": ref_.version,
-              "run_id": ref_.run_id}
+    source = {"uri": resolved.uri, "name": resolved.name, "version": resolved.version,
+              "run_id": resolved.run_id}
     sidecar = describe(info, fmt, out, source)
     example = _example(info)
     with torch.no_grad():
-        expected = model(example).numpy()  # the bundle's model as predict runs it
+        expected = model(example).numpy()  # the bundle's model, fused LRN and all, in fp32
 
     write, run = ((_write_onnx, _run_onnx) if fmt == "onnx"
                   else (_write_torchscript, _run_torchscript))
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # read-only, no permission, a file in the way
+        raise ExportError(f"cannot create {out.parent}: {exc.strerror or exc}") from None
     tmp, tmp_side = _tmp_beside(out), _tmp_beside(sidecar_path(out))
     try:
         write(exportable(model), example, tmp, sidecar)
