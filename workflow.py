@@ -9,6 +9,7 @@
     python workflow.py predict cat.jpg [--model models:/alexnet@champion]
     python workflow.py import-weights alexnet-owt-7be5be79.pth --variant torchvision \
         --classes LOC_synset_mapping.txt --alias champion
+    python workflow.py export models:/alexnet@champion --format onnx --out alexnet.onnx
     python workflow.py info --variant paper --groups 2
 
 Ray: the cluster at RAY_ADDRESS when set (as under `ray job submit`), else a local one.
@@ -168,6 +169,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 2 if any("error" in r for r in results) else 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipelines.export import export_model
+
+    s = export_model(args.ref, args.format, args.out, overwrite=args.overwrite)
+    src = s["source"]
+    version = f" (version {src['version']})" if src["version"] else ""
+    print(f"model: {src['uri']}{version}, {s['variant']}, {s['num_classes']} classes")
+    print(f"wrote {s['out']} ({s['format']}, {s['bytes'] / 1e6:.1f} MB; input NCHW float32 "
+          f"RGB, output logits) and {s['sidecar']} (preprocessing and classes)")
+    print(f"checked: its output equals PyTorch's to {s['max_abs_diff']:.2g} (max abs "
+          "difference on 2 images)")
+    return 0
+
+
 def _model_flag(p: argparse.ArgumentParser) -> None:
     # Repeatable: several --model flags make an ensemble whose softmax outputs are averaged.
     p.add_argument("--model", action="append", default=None, metavar="URI_OR_DIR",
@@ -264,6 +279,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "(AVX512_BF16/AMX); fp32 elsewhere or with --no-amp (default on)")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("export", help="write a model as ONNX or TorchScript, with its "
+                       "preprocessing in FILE.json beside it")
+    p.add_argument("ref", metavar="REF", help="models:/NAME@ALIAS, models:/NAME/VERSION, "
+                   "runs:/RUN_ID/model or a local checkpoint dir")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript"),
+                   help="onnx (opset 18, dynamic batch) or torchscript (torch.jit.trace)")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="the model file to write; the sidecar is FILE.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace FILE and FILE.json when they exist")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("info", help="layer table of an AlexNet variant")
     # The same --variant/--groups as `train` (defaults and help from ModelSection).
     import dataclasses
@@ -281,12 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Errors that mean "your input is wrong", shown as one line, not a traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from pipelines.export import ExportError
     from pipelines.infer import InferError
     from pipelines.preprocess import PreprocessError
     from pipelines.sources import SourceError
     from pipelines.train import TrainError
 
-    return (InferError, PreprocessError, SourceError, TrainError, FileNotFoundError,
+    return (ExportError, InferError, PreprocessError, SourceError, TrainError, FileNotFoundError,
             FileExistsError, ValueError)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -11,6 +12,24 @@ REPO = Path(__file__).resolve().parent.parent
 # The shared ImageNet sample sits beside a developer's or CI's checkout; a user's clone has none.
 IMAGENET_SAMPLE = Path(os.environ.get("IMAGENET_SAMPLE",
                                       REPO.parent / "shared" / "data" / "imagenet-sample"))
+
+
+def register_bundle(bundle: Path, name: str, val_error: float) -> SimpleNamespace:
+    """Log + register a bundle exactly as training does, inside a real MLflow run (at
+    MLFLOW_TRACKING_URI); the first version of `name` becomes its champion."""
+    import mlflow
+
+    from pipelines import config as C
+    from pipelines.tracking import setup_mlflow
+    from pipelines.train import log_and_register
+
+    setup_mlflow()
+    mlflow.set_experiment("alexnet")
+    cfg = C.TrainConfig()
+    cfg.tracking.registered_model = name
+    with mlflow.start_run() as run:
+        reg = log_and_register(str(bundle), cfg, val_error)
+    return SimpleNamespace(run_id=run.info.run_id, version=str(reg["version"]), bundle=bundle)
 
 
 @pytest.fixture(scope="session")

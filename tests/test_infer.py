@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, register_bundle
 
 from pipelines import config as C
 from pipelines.infer import SCHEMA, InferError, list_inputs, run_batch_infer
@@ -45,22 +45,6 @@ def _info(classes: list[dict]) -> dict:
     return {"variant": "cifar", "groups": 1, "num_classes": len(classes), "input_size": 32,
             "resize": 40, "mean": [128.0, 126.0, 124.0], "std": [60.0, 58.0, 62.0],
             "classes": classes}
-
-
-def _register(bundle: Path, name: str, val_error: float) -> SimpleNamespace:
-    """Log + register a bundle exactly as training does, inside a real MLflow run."""
-    import mlflow
-
-    from pipelines.tracking import setup_mlflow
-    from pipelines.train import log_and_register
-
-    setup_mlflow()
-    mlflow.set_experiment("alexnet")
-    cfg = C.TrainConfig()
-    cfg.tracking.registered_model = name
-    with mlflow.start_run() as run:
-        reg = log_and_register(str(bundle), cfg, val_error)
-    return SimpleNamespace(run_id=run.info.run_id, version=str(reg["version"]), bundle=bundle)
 
 
 def _val_labels(src: Path, classes: list[dict]) -> dict[str, int]:
@@ -102,7 +86,7 @@ def registry(world):
     """`a` and `b` logged and registered as training does: alexnet v1 (champion) and v2
     (challenger); fills in world.a/b.run_id and .version."""
     for m, err in ((world.a, 0.5), (world.b, 0.6)):
-        reg = _register(m.bundle, "alexnet", err)
+        reg = register_bundle(m.bundle, "alexnet", err)
         m.run_id, m.version = reg.run_id, reg.version
     return world
 
@@ -133,7 +117,7 @@ def trained(world):
         loss.backward()
         opt.step()
     bundle = save_bundle(world.root / "trained", net.state_dict(), info)
-    return _register(bundle, "alexnet-trained", 0.3)
+    return register_bundle(bundle, "alexnet-trained", 0.3)
 
 
 def _infer(tmp_path, inp, out="p.parquet", **kw) -> tuple[dict, pa.Table | None]:
