@@ -109,15 +109,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = C.load(C.TrainConfig, args)
         apply_variant_defaults(cfg, _given(args))
     summary = run_train(cfg)
-    print(json.dumps(summary, indent=1, default=str))
+    _print_summary(summary, args.json)
     return 0
+
+
+def _print_summary(summary: dict, as_json: bool) -> None:
+    from pipelines.progress import summary_table
+
+    print(json.dumps(summary, indent=1, default=str) if as_json else summary_table(summary))
 
 
 def cmd_register(args: argparse.Namespace) -> int:
     from pipelines.train import run_register
 
     summary = run_register(args.run)
-    print(json.dumps(summary, indent=1, default=str))
+    _print_summary(summary, args.json)
     return 0
 
 
@@ -183,11 +189,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", default=None,
+                   help="print the result as JSON (for scripts) instead of a table")
+
+
 def _model_flag(p: argparse.ArgumentParser) -> None:
     # Repeatable: several --model flags make an ensemble whose softmax outputs are averaged.
     p.add_argument("--model", action="append", default=None, metavar="URI_OR_DIR",
                    help="models:/NAME@ALIAS (default models:/alexnet@champion), "
-                        "models:/NAME/VERSION, runs:/RUN_ID/model or a local checkpoint dir; "
+                        "models:/NAME/VERSION, models:/m-ID (a logged model), "
+                        "runs:/RUN_ID/model or a local checkpoint dir; "
                         "give it several times for an ensemble (softmax averaged)")
 
 
@@ -240,12 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="distributed training on Ray Train, tracked in MLflow")
     _config_flags(p, C.TrainConfig, ("data",))
+    _json_flag(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("register", help="finish a training run whose end could not reach "
                        "MLflow: send its metrics, log and register its best checkpoint")
     p.add_argument("--run", required=True, metavar="STORAGE/NAME",
                    help="the run's checkpoint directory, as `train` printed it")
+    _json_flag(p)
     p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("import-weights", help="register published AlexNet weights (a state "

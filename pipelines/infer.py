@@ -680,14 +680,19 @@ def local_ray_cpus() -> int:
     return (os.cpu_count() or 1) + 1
 
 
-def actor_layout(cfg: InferConfig, local: bool, gpus: float) -> InferConfig:
+def actor_layout(cfg: InferConfig, local: bool, gpus: float,
+                 images: int | None = None) -> InferConfig:
     """cfg with --actors/--cpus-per-actor of 0 (automatic) made concrete. On the local Ray
     batch-infer started (`local`): one actor a core, at most MAX_AUTO_ACTORS, the cores
     shared out as their threads; with --gpu, one actor a GPU and a thread each. On a cluster
-    nothing is known of the nodes' sizes here: 1 actor of 1 CPU, unless flags say more."""
+    nothing is known of the nodes' sizes here: 1 actor of 1 CPU, unless flags say more.
+    Never more automatic actors than `images` make batches: an actor with no batch to run
+    would only load the model (and hold its threads from the one that works)."""
     cores = os.cpu_count() or 1
     actors = cfg.actors or (max(1, int(gpus)) if cfg.gpu and local
                             else min(MAX_AUTO_ACTORS, cores) if local else 1)
+    if not cfg.actors and images is not None:
+        actors = max(1, min(actors, -(-images // cfg.batch_size)))
     if cfg.max_actors:
         actors = min(actors, cfg.max_actors)
     threads = cfg.cpus_per_actor or (max(1, cores // actors) if local and not cfg.gpu else 1)
@@ -715,7 +720,7 @@ def run_batch_infer(cfg: InferConfig) -> dict:
         t = time.time()
         local = init_ray(lean=True, local_cpus=local_ray_cpus(), log_to_driver=False)
         ray_start_s = time.time() - t
-        cfg = actor_layout(cfg, local, ray.cluster_resources().get("GPU", 0))
+        cfg = actor_layout(cfg, local, ray.cluster_resources().get("GPU", 0), inputs.num_rows)
         _check_resources(cfg, ray)
         ship = len([n for n in ray.nodes() if n.get("Alive")]) > 1
         sources = [_model_source(r, ship) for r in refs]

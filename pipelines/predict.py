@@ -102,8 +102,17 @@ def resolve_model(ref: str, dst: str | None = None) -> ModelRef:
     setup_mlflow()
     client = MlflowClient()
     name = version = run_id = model_id = None
-    if ref.startswith("models:/"):
-        body = ref[len("models:/"):].strip("/")
+    body = ref[len("models:/"):].strip("/") if ref.startswith("models:/") else ""
+    if body.startswith("m-") and "/" not in body and "@" not in body:
+        # An MLflow 3 LoggedModel (what `log_model` returns): the model itself, registered
+        # or not. Its training run is known; a registry version is not asked for.
+        try:
+            logged = client.get_logged_model(body)
+        except MlflowException:
+            raise InferError(f"model {ref!r}: no logged model {body!r} in "
+                             f"{mlflow.get_tracking_uri()}") from None
+        uri, run_id, model_id = ref, logged.source_run_id, body
+    elif ref.startswith("models:/"):
         name, alias = body.split("@", 1) if "@" in body else (body.split("/")[0], None)
         number = body.split("/", 1)[1] if alias is None and "/" in body else None
         try:

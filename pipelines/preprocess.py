@@ -547,11 +547,21 @@ def format_dry_run(report: dict) -> str:
         if len(per) <= 20:
             lines.append(f"{split} per class: " + ", ".join(f"{k} {v}" for k, v in per.items()))
         elif per:
+            # ImageNet has 1000 classes: list the ones with images (a sample or a partial
+            # download leaves most empty), or, when there are many, how many classes have
+            # how many images.
             n = np.array(list(per.values()))
             lines.append(f"{split} per class: min {n.min()}, median {int(np.median(n))}, max "
                          f"{n.max()} images; {int((n == 0).sum())} of {len(n)} classes have none")
-            items = [f"{k} {v:>5}" for k, v in per.items()]
-            lines += ["  " + "   ".join(items[i:i + 6]) for i in range(0, len(items), 6)]
+            filled = [(k, v) for k, v in per.items() if v]
+            if len(filled) <= 60:
+                items = [f"{k} {v:>5}" for k, v in filled]
+                lines += ["  " + "   ".join(items[i:i + 6]) for i in range(0, len(items), 6)]
+            else:
+                counts, classes = np.unique(n[n > 0], return_counts=True)
+                lines.append("  " + ", ".join(
+                    f"{k} classes have {c} image{'s' if c > 1 else ''}"
+                    for c, k in zip(counts.tolist(), classes.tolist(), strict=True)))
     for q in report["quarantine"][:10]:
         lines.append(f"would quarantine {q['split']}/{q['path']}: {q['reason']}")
     return "\n".join(lines)

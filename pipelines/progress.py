@@ -60,3 +60,39 @@ class EpochProgress(UserCallback):
         left = self.epochs - (int(m["epoch"]) + 1)
         eta = sum(self.durations) / len(self.durations) * left if left > 0 else None
         print(epoch_line(m, self.epochs, seconds, eta), flush=True)
+
+
+def _error(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def summary_table(summary: dict) -> str:
+    """The end of `train` (and `register --run`) for a person: what was trained, how well,
+    where it is kept and what the registry made of it. `--json` prints the dict instead."""
+    run = summary.get("run_name", "")
+    head = f"run {run} finished"
+    if "epochs_run" in summary:
+        head += f": {summary['epochs_run']} of {summary['epochs']} epochs"
+    if summary.get("stopped_early"):
+        head += f" (stopped early: {summary['stopped_early']})"
+    rows = [("best epoch", str(summary["best_epoch"] + 1)),
+            ("val error", f"top-1 {_error(summary.get('val_top1_error'))}  "
+                          f"top-5 {_error(summary.get('val_top5_error'))}"),
+            ("checkpoint", summary["checkpoint"]),
+            ("MLflow run", f"{summary['run_id']} at {summary['tracking_uri']}")]
+    reg = summary.get("registered")
+    if reg:
+        alias = reg.get("alias") or "none"
+        line = f"{reg['model_uri']}  alias {alias}"
+        if reg.get("already_registered"):
+            line += "  (registered before)"
+        elif alias == "champion" and reg.get("previous") is not None:
+            line += f" (was version {reg['previous']})"
+        elif alias == "challenger" and reg.get("champion") is not None:
+            why = f": {reg['reason']}" if reg.get("reason") else ""
+            line += f" (champion stays version {reg['champion']}{why})"
+        rows.append(("registered", line))
+    elif "registered" in summary or summary.get("register") is False:
+        rows.append(("registered", "no (--no-register)"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join([head, *(f"  {k:<{width}}  {v}" for k, v in rows)])

@@ -372,6 +372,9 @@ def log_bundle_model(bundle_dir: str):
 
     info = load_info(bundle_dir)
     sig, example = signature_and_example(info)
+    # MLflow validates the input example on a local copy of the two files it just wrote and
+    # draws a progress bar of that copy: noise in a log, and nothing a person waits for.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory() as tmp:
         # Only what inference needs travels: not the optimiser state of the checkpoint.
         bundle = Path(tmp) / "bundle"

@@ -432,9 +432,25 @@ def _node_monitor(loop_config: dict, rank_ctx):
     return monitor
 
 
+def _quiet_ray_train_reports() -> None:
+    """Ray Train logs every `ray.train.report` at INFO from every worker ("Reporting
+    training result N: TrainingReport(...)", a screen of metrics an epoch, twice with two
+    workers); the epoch line (progress.py) says it once, readably. Its logger is named by
+    the file's path; warnings and errors still show."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its own logging, unchanged
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
+
+    _quiet_ray_train_reports()
 
     cfg: C.TrainConfig = C.resolve_auto(C.from_dict(C.TrainConfig, loop_config["cfg"]))
     ctx = ray.train.get_context()

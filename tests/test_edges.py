@@ -446,7 +446,7 @@ def test_train_says_why_it_stopped_which_uri_to_use_and_a_reused_name(small_out,
     flags = ["--data", small_out, "--variant", "cifar", "--crop", "24", "--workers", "1",
              "--batch-size", "4", "--loader-workers", "0", "--name", "es"]
     proc = _run("train", *flags, "--epochs", "3", "--lr", "0", "--early-stop-patience", "1",
-                cwd=tmp_path, env=env)
+                "--json", cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert (summary["epochs_run"], summary["epochs"]) == (2, 3)
@@ -464,12 +464,73 @@ def test_train_says_why_it_stopped_which_uri_to_use_and_a_reused_name(small_out,
     pred = _run("predict", img, "--model", reg["model_uri"], cwd=tmp_path, env=env)
     assert pred.returncode == 0 and "model: models:/alexnet/1 (version 1)" in pred.stdout, \
         pred.stdout + pred.stderr
+    pred = _run("predict", img, "--model", reg["logged_model_uri"], cwd=tmp_path, env=env)
+    assert pred.returncode == 0 and f"model: {reg['logged_model_uri']}" in pred.stdout, \
+        pred.stdout + pred.stderr
 
     proc = _run("train", *flags, "--epochs", "1", "--no-register", cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     notes = [ln for ln in proc.stderr.splitlines() if ln.startswith("note: a run 'es' exists")]
     assert len(notes) == 1, proc.stderr
-    new = json.loads(proc.stdout[proc.stdout.index("{"):])["run_name"]
+    # Without --json, the end of the run is a short table, not a JSON dump.
+    lines = proc.stdout.splitlines()
+    table = next(lines[i:] for i, ln in enumerate(lines) if " finished: " in ln)
+    new = table[0].split()[1]
+    assert table[0] == f"run {new} finished: 1 of 1 epochs" and "{" not in proc.stdout, \
+        proc.stdout
+    assert [row.split()[0] for row in table[1:]] == ["best", "val", "checkpoint", "MLflow"]
     assert new.startswith("es-") and f"this new one is {new!r}" in notes[0]
     assert notes[0].endswith("(to continue 'es' instead: `python workflow.py train --resume "
                              "--name es`)")
+
+
+def test_dry_run_lists_only_classes_with_images():
+    """ImageNet's 1000 classes printed as 1000 mostly-zero entries; now the non-empty ones,
+    or a histogram when many are filled."""
+    from pipelines.preprocess import format_dry_run
+
+    def report(per):
+        split = {"images": sum(per.values()), "quarantined": 0, "ignored": 0, "per_class": per}
+        return {"layout": "imagenet", "detected": "train/", "classes": len(per),
+                "splits": {"train": split}, "quarantine": []}
+
+    sparse = {f"n{i:08d}": (2 if i % 100 == 0 else 0) for i in range(1000)}
+    text = format_dry_run(report(sparse))
+    assert "990 of 1000 classes have none" in text
+    assert "n00000100     2" in text and "n00000001" not in text
+    dense = {f"n{i:08d}": 1 + (i % 2) for i in range(1000)}
+    assert format_dry_run(report(dense)).splitlines()[-1] == \
+        "  500 classes have 1 image, 500 classes have 2 images"
+
+
+@pytest.mark.cluster
+def test_train_beside_another_ray_says_which_it_uses_and_prints_no_known_noise(small_out,
+                                                                               tmp_path):
+    """Another Ray on the machine added ~25 lines of `Found multiple active Ray instances`
+    (Ray Train's placement-group cleaner) to every training; each run also printed Ray's
+    token-auth warning, a core_worker error line and a `Reporting training result` line a
+    worker an epoch. Now: one line says which Ray is used, and none of those show."""
+    import signal
+
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import ray, time; ray.init(address='local', num_cpus=1, "
+         "include_dashboard=False); print('up', flush=True); time.sleep(900)"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert other.stdout.readline().strip() == "up"
+        proc = _run("train", "--data", small_out, "--variant", "cifar", "--crop", "24",
+                    "--workers", "1", "--batch-size", "4", "--loader-workers", "0",
+                    "--epochs", "1", "--no-register", cwd=tmp_path,
+                    env={"MLFLOW_TRACKING_URI": "sqlite:///m.db"})
+    finally:
+        other.send_signal(signal.SIGINT)  # its own ray.shutdown() stops its processes
+        other.wait(timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "other Ray cluster(s) run on this machine; this command starts its own local Ray" \
+        in proc.stderr
+    for noise in ("Found multiple active Ray instances", "Token authentication is enabled",
+                  "constructor arguments in the object store", "Reporting training result",
+                  "Add type hints to the `predict` method", "Traceback"):
+        assert noise not in out, noise
+    assert "epoch 1/1" in out

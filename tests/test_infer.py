@@ -653,6 +653,12 @@ def test_automatic_actor_layout():
     assert (given.actors, given.cpus_per_actor) == (3, 2)
     assert actor_layout(C.InferConfig(max_actors=1), local=True, gpus=0).actors == 1
     assert (auto.actors, auto.cpus_per_actor) == (0, 0)  # replaced, not changed in place
+    # Fewer images than one batch: one actor, with every core (a second would sit idle).
+    small = actor_layout(auto, local=True, gpus=0, images=auto.batch_size - 1)
+    assert (small.actors, small.cpus_per_actor) == (1, cores)
+    assert actor_layout(auto, local=True, gpus=0, images=10 * auto.batch_size).actors == \
+        local.actors
+    assert actor_layout(C.InferConfig(actors=2), local=True, gpus=0, images=1).actors == 2
 
 
 @pytest.mark.slow

@@ -181,7 +181,7 @@ def test_a_server_that_never_returns_then_register(small_shards, server, tmp_pat
     env = {**os.environ, "MLFLOW_TRACKING_URI": server.uri}
     for attempt in range(2):  # idempotent: the second registers nothing new
         done = subprocess.run([sys.executable, str(REPO / "workflow.py"), "register", "--run",
-                               str(run_dir)], capture_output=True, text=True, env=env,
+                               str(run_dir), "--json"], capture_output=True, text=True, env=env,
                               cwd=tmp_path, timeout=600)
         assert done.returncode == 0, done.stderr[-4000:]
         summary = json.loads(done.stdout[done.stdout.index("{\n"):])  # after MLflow's links

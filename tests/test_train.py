@@ -522,7 +522,7 @@ def test_resume_continues_a_stopped_training_in_the_same_mlflow_run(shards, mlfl
     capsys.readouterr()
     # The stored config supplies --data, the model and the recipe; the flags given win.
     rc = workflow.main(["train", "--resume", "--name", "resumable", "--storage", storage,
-                        "--epochs", "3"])
+                        "--epochs", "3", "--json"])
     out = capsys.readouterr().out
     assert rc == 0, out
     second = json.loads(out[out.index("{"):])
