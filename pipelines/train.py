@@ -642,7 +642,7 @@ def run_train(cfg: C.TrainConfig) -> dict:
                 failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                 # Keep the two best and (always, by Ray's rule) the latest checkpoint.
                 checkpoint_config=CheckpointConfig(num_to_keep=2,
-                                                   checkpoint_score_attribute="score",
+                                                   checkpoint_score_attribute="checkpoint_score",
                                                    checkpoint_score_order="min")))
         result = _fit(trainer)
         epochs_run = (result.metrics or {}).get("epoch", -1) + 1

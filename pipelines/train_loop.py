@@ -567,7 +567,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = rank_zero(_checkpoint, tmp, net, optimizer, scheduler, epoch, progress,
                                  loop_config["run_id"], info, cfg, confusion)
-                ray.train.report({**metrics, "epoch": epoch}, checkpoint=ckpt)
+                # Ray keeps the best checkpoints by this; on a tie the earlier epoch ranks
+                # first, as early stopping and best_checkpoint count it.
+                ray.train.report({**metrics, "epoch": epoch,
+                                  "checkpoint_score": score + epoch * 1e-9}, checkpoint=ckpt)
             if progress.should_stop(cfg.optim.early_stop_patience):
                 break
     finally:

@@ -451,6 +451,8 @@ def test_train_says_why_it_stopped_which_uri_to_use_and_a_reused_name(small_out,
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert (summary["epochs_run"], summary["epochs"]) == (2, 3)
     assert summary["stopped_early"].startswith("no better val score in 1 epochs")
+    # lr 0: every epoch scores the same; the best is the first, as early stopping counts it.
+    assert summary["best_epoch"] == 0 and summary["stopped_early"].endswith("best epoch 1")
     reg = summary["registered"]
     assert (reg["model_uri"], reg["version"], reg["alias"]) == ("models:/alexnet/1", 1,
                                                                  "champion")
