@@ -28,7 +28,7 @@ from pipelines import config as C
 
 
 def cmd_make_sample(args: argparse.Namespace) -> int:
-    from pipelines.sample import make_sample
+    from pipelines.data.sample import make_sample
 
     summary = make_sample(args.out, classes=args.classes, train_per_class=args.train_per_class,
                           val_per_class=args.val_per_class, seed=args.seed)
@@ -38,7 +38,7 @@ def cmd_make_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from pipelines.preprocess import format_dry_run, run_preprocess, summary_table
+    from pipelines.data.preprocess import format_dry_run, run_preprocess, summary_table
 
     cfg = C.load(C.PreprocessConfig, args)
     manifest = run_preprocess(cfg)
@@ -46,7 +46,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         print(format_dry_run(manifest))
         return 0
     if manifest.get("already_complete"):
-        from pipelines.verify import quick_check, repair_advice
+        from pipelines.data.verify import quick_check, repair_advice
 
         counts = ", ".join(f"{split} {s['records']} records in {len(s['shards'])} shards"
                            for split, s in manifest["splits"].items())
@@ -66,8 +66,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from pipelines.shards import read_manifest
-    from pipelines.verify import format_report, verify_output
+    from pipelines.data.shards import read_manifest
+    from pipelines.data.verify import format_report, verify_output
 
     read_manifest(args.data)  # not a preprocess OUT at all: one line, exit 2 (not a report)
     report = verify_output(args.data, decode=args.decode)
@@ -92,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import os
     import tempfile
 
-    from pipelines.train import apply_variant_defaults, run_train, stored_config
+    from pipelines.train.launcher import apply_variant_defaults, run_train, stored_config
 
     stored = None
     if args.resume and not args.config:
@@ -114,13 +114,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict, as_json: bool) -> None:
-    from pipelines.progress import summary_table
+    from pipelines.train.progress import summary_table
 
     print(json.dumps(summary, indent=1, default=str) if as_json else summary_table(summary))
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from pipelines.train import run_register
+    from pipelines.train.launcher import run_register
 
     summary = run_register(args.run)
     _print_summary(summary, args.json)
@@ -128,7 +128,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_import_weights(args: argparse.Namespace) -> int:
-    from pipelines.pretrained import import_weights
+    from pipelines.train.pretrained import import_weights
 
     out = import_weights(args.file, args.variant, args.classes, args.name, args.alias,
                          args.experiment)
@@ -140,7 +140,7 @@ def cmd_import_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_batch_infer(args: argparse.Namespace) -> int:
-    from pipelines.infer import run_batch_infer
+    from pipelines.serve.infer import run_batch_infer
 
     cfg = C.load(C.InferConfig, args)
     result = run_batch_infer(cfg)
@@ -162,7 +162,7 @@ def cmd_batch_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from pipelines.predict import format_predictions, predict_files
+    from pipelines.serve.predict import format_predictions, predict_files
 
     if args.top < 1:  # [:0] printed nothing and [:-2] printed all but two of the classes
         raise ValueError(f"--top {args.top}: give the number of classes to print, at least 1")
@@ -176,7 +176,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pipelines.export import export_model
+    from pipelines.serve.export import export_model
 
     s = export_model(args.ref, args.format, args.out, overwrite=args.overwrite)
     src = s["source"]
@@ -322,11 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Errors that mean "your input is wrong", shown as one line, not a traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipelines.export import ExportError
-    from pipelines.infer import InferError
-    from pipelines.preprocess import PreprocessError
-    from pipelines.sources import SourceError
-    from pipelines.train import TrainError
+    from pipelines.data.preprocess import PreprocessError
+    from pipelines.data.sources import SourceError
+    from pipelines.serve.export import ExportError
+    from pipelines.serve.infer import InferError
+    from pipelines.train.launcher import TrainError
 
     return (ExportError, InferError, PreprocessError, SourceError, TrainError, FileNotFoundError,
             FileExistsError, ValueError)
@@ -355,7 +355,7 @@ def _interrupted(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:
 def main(argv: list[str] | None = None) -> int:
     import yaml
 
-    from pipelines.train import TrackingPending
+    from pipelines.train.launcher import TrackingPending
 
     args = build_parser().parse_args(argv)
     try:

@@ -50,7 +50,7 @@ WORK = Path("/tmp/alexnet-bench")
 # --------------------------------------------------------------------------- setup
 def prepare(images: int) -> tuple[Path, Path]:
     """ImageNet-sized JPEGs (10 classes) and a 1000-class bundle; reused when present."""
-    from pipelines.sample import make_sample
+    from pipelines.data.sample import make_sample
 
     per_class = -(-images // 10)
     src = WORK / f"src-{per_class * 10}"
@@ -62,7 +62,7 @@ def prepare(images: int) -> tuple[Path, Path]:
         import torch
 
         from alexnet import build_model
-        from pipelines.model_package import save_bundle
+        from pipelines.serve.bundle import save_bundle
 
         torch.manual_seed(0)
         net = build_model("torchvision", 1000, init="default")
@@ -94,8 +94,8 @@ def child_baseline(args) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from pipelines.decode import decode_rgb
-    from pipelines.model_package import load_bundle, predict_proba, preprocess_image
+    from pipelines.data.decode import decode_rgb
+    from pipelines.serve.bundle import load_bundle, predict_proba, preprocess_image
 
     torch.set_num_threads(args.threads)
     files = Path(args.list).read_text().split()
@@ -133,7 +133,7 @@ def child_pipeline(args) -> dict:
     import ray
 
     from pipelines.config import InferConfig
-    from pipelines.infer import run_batch_infer
+    from pipelines.serve.infer import run_batch_infer
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = InferConfig(model=[args.bundle], input=args.list, output=str(WORK / "pipe.parquet"),

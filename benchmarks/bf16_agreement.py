@@ -5,7 +5,7 @@
         --images /work/shared/data/imagenet-sample --ten-crop
 
 Every image under --images (default: the shared 200-image ImageNet sample) is predicted
-twice through `pipelines.predict.Ensemble`, the code `predict` and `batch-infer` run: with
+twice through `pipelines.serve.predict.Ensemble`, the code `predict` and `batch-infer` run: with
 `amp=False` (fp32, NCHW) and with `amp=True` (bf16 autocast + channels_last where the CPU has
 native bf16, see pipelines/precision.py). Prints the top-1 agreement %, the largest
 probability difference, top-1 accuracy of both where labels are known (the wnid folder an
@@ -70,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from pipelines.decode import decode_rgb
+    from pipelines.data.decode import decode_rgb
+    from pipelines.data.sources import IMAGE_EXTENSIONS
     from pipelines.precision import cpu_has_native_bf16
-    from pipelines.predict import Ensemble, InferError, resolve_models
-    from pipelines.sources import IMAGE_EXTENSIONS
+    from pipelines.serve.predict import Ensemble, InferError, resolve_models
 
     root = Path(args.images)
     if not args.images or not root.is_dir():

@@ -18,7 +18,7 @@ All in one run, so the ratios compare like with like:
        Normalize (float32, what the seeds feed their model);
    (b) seeds, uint8: the same with PILToTensor (uint8 out, no normalisation: the strict
        like-for-like baseline, since our loader also stops at uint8);
-   (c) ours: `pipelines.ingest.make_loader(mode="train")` over the JPEG shards (decode 256x256,
+   (c) ours: `pipelines.train.ingest.make_loader(mode="train")` over the JPEG shards (decode 256x256,
        random 224 crop + flip, uint8) - what each Ray Train worker runs;
    (d) ours over raw-encoded shards (no decode: the disk-for-CPU trade);
    (e) Ray Data: the same records and crops through `ray.data` (`map_batches` tasks over
@@ -156,8 +156,8 @@ def child_imagefolder(args) -> dict:
 
 
 def child_shards(args) -> dict:
-    from pipelines.ingest import make_loader
-    from pipelines.shards import read_manifest, split_readers
+    from pipelines.data.shards import read_manifest, split_readers
+    from pipelines.train.ingest import make_loader
 
     _one_core()
     m = read_manifest(args.data)
@@ -179,8 +179,8 @@ def _record_crops(batch: dict, data: str) -> dict:
     The reader is cached per worker process, as a per-worker loader keeps its own."""
     import numpy as np
 
-    from pipelines.ingest import ShardRecords
-    from pipelines.shards import read_manifest, split_readers
+    from pipelines.data.shards import read_manifest, split_readers
+    from pipelines.train.ingest import ShardRecords
 
     if data not in _RECORDS:
         m = read_manifest(data)
@@ -197,7 +197,7 @@ def child_ray_data(args) -> dict:
     _one_core()
     ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
-    from pipelines.shards import read_manifest
+    from pipelines.data.shards import read_manifest
 
     n = read_manifest(args.data)["splits"]["train"]["records"]
     # One streaming execution over many epochs' keys (each epoch its own permutation, as

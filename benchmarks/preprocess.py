@@ -140,7 +140,7 @@ def _linked(n: int) -> Path:
 
 
 def list_files(src: Path) -> list[tuple[str, int]]:
-    from pipelines.sources import list_source
+    from pipelines.data.sources import list_source
 
     return list_source(src).splits["train"]
 
@@ -153,8 +153,8 @@ def loop(items: list[tuple[str, int]], root: str, lmdb_path: str, resize: int = 
     wall-clock total."""
     import lmdb
 
-    from pipelines import shards as sh
-    from pipelines.decode import decode_rgb, encode, pixel_moments, rescale
+    from pipelines.data import shards as sh
+    from pipelines.data.decode import decode_rgb, encode, pixel_moments, rescale
 
     spent = dict.fromkeys(STAGES, 0.0)
     env = lmdb.open(lmdb_path, subdir=False, map_size=sh.MAP_SIZE, lock=False, sync=False)
@@ -305,8 +305,8 @@ def reduced_decode_effect(tmp: Path) -> dict:
 
 
 def bytes_per_record() -> dict:
-    from pipelines.preprocess import process_one
-    from pipelines.sources import list_source
+    from pipelines.data.preprocess import process_one
+    from pipelines.data.sources import list_source
 
     sample = REPO.parent / "shared" / "data" / "imagenet-sample"
     if not (sample / "train").is_dir():
@@ -325,7 +325,7 @@ def bytes_per_record() -> dict:
 def listing_scale(n: int) -> dict:
     """Time list_source on n empty files in 1000 wnid folders (the shape of ILSVRC train):
     listing reads directories only, so empty files list exactly like JPEGs."""
-    from pipelines.sources import list_source
+    from pipelines.data.sources import list_source
 
     src = WORK / f"listing-{n}"
     if not (src / ".done").is_file():

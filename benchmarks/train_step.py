@@ -19,7 +19,7 @@ setting), 192 images (3 steps an epoch). All in one run, so the ratios compare l
    (b) bare-amp: the same loop with the workflow's model (`alexnet.build_model`: fused LRN)
    and `pipelines.precision` (bf16 autocast + channels_last where native): the ceiling the
    Ray path can reach, to tell the model's speed from the pipeline's losses.
-   (c) ray: `pipelines.train.run_train` on a fresh local Ray, one worker with --threads CPUs
+   (c) ray: `pipelines.train.launcher.run_train` on a fresh local Ray, one worker with --threads CPUs
    (Ray sets OMP_NUM_THREADS from them, so torch uses the same threads), --loader-workers
    DataLoader processes decoding and cropping, no validation, no registration; the loop's
    own metrics give images/s, images per CPU second of the worker process
@@ -173,7 +173,7 @@ def child_ray(args) -> dict:
     from mlflow import MlflowClient
 
     from pipelines import config as C
-    from pipelines.train import run_train
+    from pipelines.train.launcher import run_train
 
     started = time.perf_counter()
     ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False, configure_logging=False)

@@ -20,8 +20,8 @@ def register_bundle(bundle: Path, name: str, val_error: float) -> SimpleNamespac
     import mlflow
 
     from pipelines import config as C
-    from pipelines.tracking import setup_mlflow
-    from pipelines.train import log_and_register
+    from pipelines.train.launcher import log_and_register
+    from pipelines.train.tracking import setup_mlflow
 
     setup_mlflow()
     mlflow.set_experiment("alexnet")
@@ -66,7 +66,7 @@ def mlflow_uri(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_source(tmp_path_factory):
     """4 classes x 10 train + 3 val real JPEGs in the ImageNet layout (flat val + CSV)."""
-    from pipelines.sample import make_sample
+    from pipelines.data.sample import make_sample
 
     root = tmp_path_factory.mktemp("tiny") / "src"
     make_sample(root, classes=4, train_per_class=10, val_per_class=3, seed=1,

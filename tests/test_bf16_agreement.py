@@ -8,13 +8,13 @@ import sys
 import torch
 from conftest import REPO
 
-from pipelines.model_package import save_bundle
 from pipelines.precision import cpu_has_native_bf16
+from pipelines.serve.bundle import save_bundle
 
 
 def test_bf16_agreement_script_on_a_tiny_checkpoint(tmp_path):
     from alexnet import build_model
-    from pipelines.sample import make_sample
+    from pipelines.data.sample import make_sample
 
     src = tmp_path / "src"
     make_sample(src, classes=3, train_per_class=4, val_per_class=2, seed=1,

@@ -135,7 +135,7 @@ def shards(stack, tmp_path_factory):
     """A tiny dataset, preprocessed by a job on the cluster (data paths are absolute)."""
     from ray.job_submission import JobSubmissionClient
 
-    from pipelines.sample import make_sample
+    from pipelines.data.sample import make_sample
 
     root = tmp_path_factory.mktemp("cluster-data")
     make_sample(root / "src", classes=4, train_per_class=10, val_per_class=3, seed=1,
@@ -316,7 +316,7 @@ def test_working_dir_upload_leaves_out_data_and_envs(tmp_path):
 def test_working_dir_upload_of_this_checkout_is_small(tmp_path):
     pkg = _package(REPO, tmp_path)
     names = pkg.namelist()
-    assert {"workflow.py", "pipelines/train.py", "alexnet/model.py", "cluster/local.py"} <= \
+    assert {"workflow.py", "pipelines/train/launcher.py", "alexnet/model.py", "cluster/local.py"} <= \
         set(names)
     assert not [n for n in names if n.startswith(UPLOAD_MUST_NOT_HOLD) or n.endswith(".lmdb")]
     size = (tmp_path / "pkg.zip").stat().st_size
@@ -365,7 +365,7 @@ def test_cluster_cli_refuses_busy_ports_and_worker_port_range(tmp_path):
 # --------------------------------------------------------------------------- shard cache
 def _fake_out(root: Path) -> Path:
     """A preprocess OUT with real LMDB shards (2 train, 1 val) and its manifest."""
-    from pipelines.shards import FORMAT_VERSION, pack_record, write_shard
+    from pipelines.data.shards import FORMAT_VERSION, pack_record, write_shard
 
     out = root / "remote-out"
     splits = {}
@@ -386,8 +386,8 @@ def _fake_out(root: Path) -> Path:
 
 
 def test_shard_cache_copies_once_verifies_and_reads(tmp_path):
-    from pipelines.shard_cache import localize
-    from pipelines.shards import read_manifest, split_readers
+    from pipelines.data.shard_cache import localize
+    from pipelines.data.shards import read_manifest, split_readers
 
     out = _fake_out(tmp_path)
     cache = tmp_path / "cache"
@@ -413,7 +413,7 @@ def test_shard_cache_copies_once_verifies_and_reads(tmp_path):
 
 
 def test_shard_cache_refuses_a_corrupt_source(tmp_path):
-    from pipelines.shard_cache import ShardCacheError, localize
+    from pipelines.data.shard_cache import ShardCacheError, localize
 
     out = _fake_out(tmp_path)
     shard = out / "val" / "shard-00000.lmdb"

@@ -23,9 +23,9 @@ import cv2
 import numpy as np
 import pytest
 
-from pipelines import shards as sh
 from pipelines.config import PreprocessConfig
-from pipelines.decode import (
+from pipelines.data import shards as sh
+from pipelines.data.decode import (
     MAX_PIXELS,
     DecodeError,
     decode_rgb,
@@ -34,7 +34,7 @@ from pipelines.decode import (
     reduction,
     rescale,
 )
-from pipelines.preprocess import process_batch, run_preprocess
+from pipelines.data.preprocess import process_batch, run_preprocess
 
 Image = pytest.importorskip("PIL.Image")  # Pillow writes the CMYK and EXIF fixtures
 REPO = Path(__file__).resolve().parent.parent
@@ -182,7 +182,7 @@ def test_other_formats_headers_and_decoding(ext, tmp_path):
 
 
 def test_exif_orientation_is_ignored():
-    """Pixels as stored (the choice of torchvision's PIL loader; see pipelines/decode.py)."""
+    """Pixels as stored (the choice of torchvision's PIL loader; see pipelines/data/decode.py)."""
     rgb = reference_rgb(60, 100)
     data = exif_jpeg(rgb, orientation=6)  # "rotate 90 degrees to display"
     assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).shape[:2] == (100, 60)
@@ -269,7 +269,7 @@ def test_permission_denied_becomes_a_reason():
         (folder / "ok.JPEG").chmod(0o644)
         (folder / "locked.JPEG").chmod(0)
         drop = "os.setgid(65534); os.setuid(65534); " if os.geteuid() == 0 else ""
-        code = ("import os, numpy as np; from pipelines.preprocess import process_batch; "
+        code = ("import os, numpy as np; from pipelines.data.preprocess import process_batch; "
                 + drop + "out = process_batch({'path': np.array(['ok.JPEG', 'locked.JPEG']), "
                 "'label': np.array([0, 0])}, " + repr(str(folder)) + ", 32, True, 'jpeg', 90); "
                 "print(repr([str(r) for r in out['reason']]))")

@@ -8,9 +8,9 @@ import pytest
 from mlflow import MlflowClient
 
 from pipelines import config as C
-from pipelines.infer import InferError, run_batch_infer
-from pipelines.preprocess import run_preprocess
-from pipelines.train import run_train
+from pipelines.data.preprocess import run_preprocess
+from pipelines.serve.infer import InferError, run_batch_infer
+from pipelines.train.launcher import run_train
 
 pytestmark = pytest.mark.slow
 

@@ -46,8 +46,8 @@ def world(tmp_path_factory):
     import torch
 
     from alexnet import build_model
-    from pipelines.model_package import save_bundle
-    from pipelines.sample import make_sample
+    from pipelines.data.sample import make_sample
+    from pipelines.serve.bundle import save_bundle
 
     root = tmp_path_factory.mktemp("edges")
     src = root / "src"
@@ -298,7 +298,7 @@ def test_registry_versions_are_ints_whatever_the_store_gives(tmp_path):
     """MLflow gives an int from sqlite and a str from a server; promote says int either way."""
     from mlflow import MlflowClient
 
-    from pipelines.tracking import promote
+    from pipelines.train.tracking import promote
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
                           registry_uri=f"sqlite:///{tmp_path / 'm.db'}")
@@ -402,7 +402,7 @@ def test_ctrl_c_in_train_marks_the_run_killed_and_prints_the_resume_command(smal
 
 
 def test_epoch_line_has_what_a_person_watching_needs():
-    from pipelines.progress import EpochProgress, epoch_line
+    from pipelines.train.progress import EpochProgress, epoch_line
 
     m = {"epoch": 2, "train_loss": 2.10104, "train_top1_error": 0.8123, "lr": 0.0025,
          "images_per_s": 85.4, "data_wait_fraction": 0.041, "epoch_seconds": 9.0,
@@ -489,7 +489,7 @@ def test_train_says_why_it_stopped_which_uri_to_use_and_a_reused_name(small_out,
 def test_dry_run_lists_only_classes_with_images():
     """ImageNet's 1000 classes printed as 1000 mostly-zero entries; now the non-empty ones,
     or a histogram when many are filled."""
-    from pipelines.preprocess import format_dry_run
+    from pipelines.data.preprocess import format_dry_run
 
     def report(per):
         split = {"images": sum(per.values()), "quarantined": 0, "ignored": 0, "per_class": per}

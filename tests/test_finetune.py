@@ -12,9 +12,9 @@ from mlflow import MlflowClient
 
 import workflow
 from pipelines import config as C
-from pipelines.preprocess import run_preprocess
-from pipelines.sample import make_sample
-from pipelines.train import run_train
+from pipelines.data.preprocess import run_preprocess
+from pipelines.data.sample import make_sample
+from pipelines.train.launcher import run_train
 
 
 def _shards(root: Path, classes: int, seed: int) -> Path:
@@ -44,7 +44,7 @@ def _first_loss(client, run_id: str) -> float:
 
 @pytest.mark.slow
 def test_fine_tuning_a_4_class_model_into_3_classes(ray_local, tmp_path, mlflow_uri):
-    from pipelines.model_package import WEIGHTS
+    from pipelines.serve.bundle import WEIGHTS
 
     four, three = _shards(tmp_path, 4, seed=3), _shards(tmp_path, 3, seed=4)
     storage = tmp_path / "ckpt"
@@ -84,7 +84,7 @@ def test_imported_torchvision_weights_are_served_like_a_trained_model(tmp_path, 
                                                                       tiny_source, capsys):
     import torchvision
 
-    from pipelines.predict import predict_files
+    from pipelines.serve.predict import predict_files
 
     torch.manual_seed(0)
     model = torchvision.models.alexnet(num_classes=4).eval()
@@ -100,18 +100,29 @@ def test_imported_torchvision_weights_are_served_like_a_trained_model(tmp_path, 
     mv = MlflowClient(mlflow_uri).get_model_version_by_alias("alexnet-torchvision", "champion")
     assert str(mv.version) == "1" and mv.tags["classes_sha256"]
 
+    # The logged model carries the serving code only, not Ray, training or preprocessing.
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts("models:/alexnet-torchvision/1",
+                                                     dst_path=str(tmp_path / "dl")))
+    carried = sorted(str(p.relative_to(local / "code" / "pipelines"))
+                     for p in (local / "code" / "pipelines").rglob("*.py"))
+    assert carried == ["__init__.py", "data/__init__.py", "data/decode.py",
+                       "serve/__init__.py", "serve/bundle.py", "serve/pyfunc_model.py"]
+    assert (local / "code" / "alexnet" / "model.py").is_file()
+
     image = sorted((tiny_source / "train").rglob("*.JPEG"))[0]
     result = predict_files([str(image)], ["models:/alexnet-torchvision@champion"], top=4,
                            amp=False)[0]
     # The served model is the imported one: same probabilities as torchvision's own
     # module on the same preprocessed input.
-    from pipelines.model_package import to_input
-    from pipelines.predict import make_crops, read_info, resolve_model
+    from pipelines.serve.bundle import to_input
+    from pipelines.serve.predict import make_crops, read_info, resolve_model
 
     info = read_info(resolve_model("models:/alexnet-torchvision@champion").bundle)
     assert info["resize"] == 256 and info["input_size"] == 224
     assert round(info["mean"][0], 3) == 123.675 and round(info["std"][2], 3) == 57.375
-    from pipelines.decode import decode_rgb
+    from pipelines.data.decode import decode_rgb
 
     rgb = decode_rgb(image.read_bytes())
     x = to_input(make_crops(rgb, (256, 224), False)[None], info)

@@ -1,5 +1,5 @@
 """Batch inference and every way to consume a registered model, on a real local Ray, a real
-sqlite MLflow (models logged and registered by `pipelines.train.log_and_register`), real LMDB
+sqlite MLflow (models logged and registered by `pipelines.train.launcher.log_and_register`), real LMDB
 shards and real JPEG files.
 
     .venv/bin/python -m pytest -q tests/test_infer.py            # everything
@@ -27,9 +27,9 @@ import torch
 from conftest import REPO, register_bundle
 
 from pipelines import config as C
-from pipelines.infer import SCHEMA, InferError, list_inputs, run_batch_infer
-from pipelines.model_package import predict_proba, preprocess_image, save_bundle
-from pipelines.predict import predict_files, resolve_model
+from pipelines.serve.bundle import predict_proba, preprocess_image, save_bundle
+from pipelines.serve.infer import SCHEMA, InferError, list_inputs, run_batch_infer
+from pipelines.serve.predict import predict_files, resolve_model
 
 CLASSES = 4
 
@@ -58,7 +58,7 @@ def world(tmp_path_factory):
     """4-class JPEG sample and two freshly initialised local bundles `a` and `b` (cheap);
     MLflow points at a module-wide sqlite store for the fixtures that register models."""
     from alexnet import build_model
-    from pipelines.sample import make_sample
+    from pipelines.data.sample import make_sample
 
     root = tmp_path_factory.mktemp("infer")
     mp = pytest.MonkeyPatch()
@@ -96,8 +96,8 @@ def trained(world):
     """A cifar AlexNet that actually learned the sample (40 Adam steps, ~0.7 val top-1 where
     chance is 0.25), registered as `alexnet-trained`."""
     from alexnet import build_model
-    from pipelines.decode import decode_rgb
-    from pipelines.model_package import to_input
+    from pipelines.data.decode import decode_rgb
+    from pipelines.serve.bundle import to_input
 
     info = _info(world.classes)
     xs, ys = [], []
@@ -275,7 +275,7 @@ def test_images_list_parquet_and_csv_inputs(ray_local, world, tmp_path):
 
 @pytest.mark.slow
 def test_shards_input_labels_and_paths_from_records(ray_local, world, tmp_path):
-    from pipelines.preprocess import run_preprocess
+    from pipelines.data.preprocess import run_preprocess
 
     out = tmp_path / "shards"
     run_preprocess(C.PreprocessConfig(source=str(world.src), out=str(out), resize=40))
@@ -301,7 +301,7 @@ def test_shards_input_labels_and_paths_from_records(ray_local, world, tmp_path):
 
 
 def test_shard_labels_are_matched_by_wnid_when_the_class_lists_differ(tmp_path):
-    from pipelines.infer import shard_label_map
+    from pipelines.serve.infer import shard_label_map
 
     model = [{"index": i, "wnid": w, "name": w} for i, w in enumerate(["n1", "n2", "n3"])]
     assert shard_label_map(model, model, tmp_path) == {}
@@ -362,15 +362,15 @@ def test_bad_inputs_are_clear_errors(world, tmp_path):
 def test_actor_loads_shipped_weights_when_the_bundle_dir_is_elsewhere(ray_local, world):
     """On a multi-node cluster the driver's download dir is not on the actor's node: the
     weights come through the object store. Same predictions as reading the dir."""
-    from pipelines.infer import Predictor, _model_source
-    from pipelines.predict import ModelRef
+    from pipelines.serve.infer import Predictor, _model_source
+    from pipelines.serve.predict import ModelRef
 
     shipped = _model_source(ModelRef(uri="x", bundle=str(world.a.bundle)), ship=True)
     assert shipped["blob"][0] is not None
     far = dict(shipped, dir="/nonexistent/node-local/bundle")
     near = _model_source(ModelRef(uri="x", bundle=str(world.a.bundle)), ship=False)
-    from pipelines.decode import decode_rgb
-    from pipelines.predict import make_crops
+    from pipelines.data.decode import decode_rgb
+    from pipelines.serve.predict import make_crops
 
     crops = np.stack([make_crops(decode_rgb(p.read_bytes()), (40, 32), False)
                       for p in world.val[:4]])
@@ -404,10 +404,10 @@ def test_decode_side_crops_are_the_model_package_transform(h, w, geom):
     """Decode workers crop without torch; the pixels must be the model's own transform
     (what the logged pyfunc model does) and the paper's ten crops as alexnet.augment cuts them."""
     from alexnet.augment import ten_crop
-    from pipelines import model_package
-    from pipelines import predict as P
-    from pipelines.decode import rescale
-    from pipelines.predict import make_crops
+    from pipelines.data.decode import rescale
+    from pipelines.serve import bundle as model_package
+    from pipelines.serve import predict as P
+    from pipelines.serve.predict import make_crops
 
     assert (P.WEIGHTS, P.INFERENCE) == (model_package.WEIGHTS, model_package.INFERENCE)
     rgb = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8)
@@ -424,8 +424,8 @@ def test_decode_side_crops_are_the_model_package_transform(h, w, geom):
 @pytest.mark.slow
 def test_ten_crop_is_the_mean_of_the_ten_crops_softmax(ray_local, world, trained, tmp_path):
     from alexnet.augment import ten_crop
-    from pipelines.decode import decode_rgb, rescale
-    from pipelines.model_package import load_bundle
+    from pipelines.data.decode import decode_rgb, rescale
+    from pipelines.serve.bundle import load_bundle
 
     imgs = tmp_path / "imgs"
     imgs.mkdir()
@@ -557,9 +557,9 @@ def test_accuracy_on_known_labels_and_the_evaluation_run(ray_local, world, train
 def test_cpu_bf16_agrees_with_fp32(world, trained):
     """--amp on a CPU with native bf16: bf16 autocast + channels_last; the trained model's
     probabilities stay close to fp32's and its top-1 agrees. Elsewhere --amp is fp32."""
-    from pipelines.decode import decode_rgb
+    from pipelines.data.decode import decode_rgb
     from pipelines.precision import cpu_has_native_bf16
-    from pipelines.predict import Ensemble
+    from pipelines.serve.predict import Ensemble
 
     fp32 = Ensemble([str(trained.bundle)], amp=False)
     bf16 = Ensemble([str(trained.bundle)], amp=True)
@@ -578,8 +578,8 @@ def test_cpu_bf16_agrees_with_fp32(world, trained):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_amp_agrees_with_cpu(world):
-    from pipelines.decode import decode_rgb
-    from pipelines.predict import Ensemble
+    from pipelines.data.decode import decode_rgb
+    from pipelines.serve.predict import Ensemble
 
     cpu = Ensemble([str(world.a.bundle)])
     gpu = Ensemble([str(world.a.bundle)], "cuda", amp=True)
@@ -637,7 +637,7 @@ def test_batch_infer_flags_repeat_model_for_an_ensemble():
 def test_automatic_actor_layout():
     """0 = automatic: sized to this machine only on the local Ray batch-infer started itself
     (it knows nothing of a cluster's nodes); flags always win; --max-actors caps it."""
-    from pipelines.infer import MAX_AUTO_ACTORS, actor_layout, local_ray_cpus
+    from pipelines.serve.infer import MAX_AUTO_ACTORS, actor_layout, local_ray_cpus
 
     cores = os.cpu_count() or 1
     auto = C.InferConfig()
@@ -665,7 +665,7 @@ def test_automatic_actor_layout():
 def test_batch_infer_on_its_own_local_ray_uses_every_core(world, tmp_path):
     """`workflow.py batch-infer` with no RAY_ADDRESS starts its own Ray (cores + 1 logical
     CPUs: one decode task beside the model threads) and fills it with the automatic layout."""
-    from pipelines.infer import MAX_AUTO_ACTORS
+    from pipelines.serve.infer import MAX_AUTO_ACTORS
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     ray_tmp = tempfile.mkdtemp(prefix="ri")  # short: Ray's socket paths have a limit

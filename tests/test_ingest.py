@@ -15,16 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.ingest import (
-    DatasetMismatch,
-    EpochSampler,
-    ShardRecords,
-    augmented_samples,
-    check_dataset,
-    decode_crop_batch,
-    make_loader,
-)
-from pipelines.shards import (
+from pipelines.data.shards import (
     FORMAT_VERSION,
     ShardReader,
     file_sha256,
@@ -32,6 +23,15 @@ from pipelines.shards import (
     split_readers,
     unpack_record,
     write_shard,
+)
+from pipelines.train.ingest import (
+    DatasetMismatch,
+    EpochSampler,
+    ShardRecords,
+    augmented_samples,
+    check_dataset,
+    decode_crop_batch,
+    make_loader,
 )
 
 STATS = {"mean": [120.0, 115.0, 100.0], "std": [60.0, 58.0, 57.0],

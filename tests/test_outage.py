@@ -79,8 +79,8 @@ def server(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_shards(tmp_path_factory):
-    from pipelines.preprocess import run_preprocess
-    from pipelines.sample import make_sample
+    from pipelines.data.preprocess import run_preprocess
+    from pipelines.data.sample import make_sample
 
     root = tmp_path_factory.mktemp("outage")
     make_sample(root / "src", classes=3, train_per_class=16, val_per_class=4, seed=5,

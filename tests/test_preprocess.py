@@ -13,11 +13,16 @@ import cv2
 import numpy as np
 import pytest
 
-from pipelines import shards as sh
 from pipelines.config import PreprocessConfig
-from pipelines.decode import decode_rgb, rescale
-from pipelines.preprocess import PreprocessError, moments_to_stats, run_preprocess, summary_table
-from pipelines.verify import verify_output
+from pipelines.data import shards as sh
+from pipelines.data.decode import decode_rgb, rescale
+from pipelines.data.preprocess import (
+    PreprocessError,
+    moments_to_stats,
+    run_preprocess,
+    summary_table,
+)
+from pipelines.data.verify import verify_output
 
 
 def _all_records(out: Path, manifest: dict, split: str) -> list[sh.Record]:
@@ -57,7 +62,7 @@ def test_stats_match_numpy_over_the_same_rescaled_pixels(ray_local, tiny_source,
 def test_moments_reduce_exactly_whatever_the_partition():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
-    from pipelines.decode import pixel_moments
+    from pipelines.data.decode import pixel_moments
 
     def reduce(parts):
         s, o, p = np.zeros(3, np.int64), np.zeros((3, 3), np.int64), 0
@@ -342,8 +347,13 @@ def test_staged_pieces_count_each_position_once_and_damaged_ones_are_redone(tiny
     changed (what a machine crash can leave of a file that was never fsynced) and a killed
     task's temporary file are dropped; the committed shard and its moments equal those of a
     clean staging."""
-    from pipelines.preprocess import assign_shards, finalize_shard, stage_batch, staged_positions
-    from pipelines.sources import list_source
+    from pipelines.data.preprocess import (
+        assign_shards,
+        finalize_shard,
+        stage_batch,
+        staged_positions,
+    )
+    from pipelines.data.sources import list_source
 
     items = list_source(tiny_source).splits["train"]
     table = assign_shards(items, 1, seed=0, split="train")
@@ -384,7 +394,7 @@ def test_staged_pieces_count_each_position_once_and_damaged_ones_are_redone(tiny
 @pytest.mark.parametrize("n,batch_size,cpus", [(100_000, 1024, 2), (5000, 1024, 2), (7, 1024, 2),
                                                (1, 1024, 4), (1000, 1024, 64)])
 def test_blocks_cover_every_row_once_and_the_last_wave_is_cut_smaller(n, batch_size, cpus):
-    from pipelines.preprocess import MIN_TAIL_ROWS, TAIL_SPLIT, block_bounds
+    from pipelines.data.preprocess import MIN_TAIL_ROWS, TAIL_SPLIT, block_bounds
 
     bounds = block_bounds(n, batch_size, cpus)
     rows = [b - a for a, b in bounds]

@@ -10,7 +10,8 @@ import torch
 
 from alexnet import build_model
 from pipelines import config as C
-from pipelines.pretrained import (
+from pipelines.train.loop import freeze, make_optimizer, param_groups
+from pipelines.train.pretrained import (
     HEAD,
     Source,
     WeightsError,
@@ -19,7 +20,6 @@ from pipelines.pretrained import (
     read_class_file,
     read_state_file,
 )
-from pipelines.train_loop import freeze, make_optimizer, param_groups
 
 
 def _classes(*wnids):

@@ -20,10 +20,10 @@ from test_ingest import write_dataset
 
 from alexnet import PAPER_INIT_BIAS, build_model, init_paper_, min_input_size
 from pipelines import config as C
-from pipelines.ingest import make_loader
-from pipelines.shards import split_readers
-from pipelines.train import TrainError, check_config
-from pipelines.train_loop import (
+from pipelines.data.shards import split_readers
+from pipelines.train.ingest import make_loader
+from pipelines.train.launcher import TrainError, check_config
+from pipelines.train.loop import (
     DeviceBatches,
     Warmup,
     evaluate,
@@ -222,9 +222,9 @@ def test_train_defaults_learn_the_demo_sample(ray_local, tmp_path, monkeypatch):
     """`train` with its own recipe (variant, init, normalisation, lr, schedule: nothing
     set) and only the demo's sizes (crop, batch, workers, epochs) on the demo sample: no
     blow-up in epoch 1 and val top-1 error <= 0.6 within 12 epochs."""
-    from pipelines.preprocess import run_preprocess
-    from pipelines.sample import make_sample
-    from pipelines.train import run_train
+    from pipelines.data.preprocess import run_preprocess
+    from pipelines.data.sample import make_sample
+    from pipelines.train.launcher import run_train
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)

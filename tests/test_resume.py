@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import shards as sh
 from pipelines.config import PreprocessConfig
-from pipelines.preprocess import run_preprocess
-from pipelines.verify import verify_output
+from pipelines.data import shards as sh
+from pipelines.data.preprocess import run_preprocess
+from pipelines.data.verify import verify_output
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -31,7 +31,7 @@ ARGS = ["--shards", "8", "--resize", "64", "--batch-size", "8"]
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    from pipelines.sample import make_sample
+    from pipelines.data.sample import make_sample
 
     root = tmp_path_factory.mktemp("resume") / "src"
     make_sample(root, classes=8, train_per_class=50, val_per_class=5, seed=3,

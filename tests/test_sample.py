@@ -1,4 +1,4 @@
-"""Tests for pipelines.sample: the synthetic ImageNet-layout dataset behind the demo and e2e tests."""
+"""Tests for pipelines.data.sample: the synthetic ImageNet-layout dataset behind the demo and e2e tests."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipelines.sample import (
+from pipelines.data.sample import (
     BACKGROUNDS,
     MAX_CLASSES,
     class_name,

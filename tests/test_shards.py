@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines import shards as sh
+from pipelines.data import shards as sh
 
 
 def test_record_round_trip_and_header_layout():

@@ -16,10 +16,10 @@ import cv2
 import numpy as np
 import pytest
 
-from pipelines import shards as sh
 from pipelines.config import PreprocessConfig
-from pipelines.preprocess import run_preprocess
-from pipelines.sources import (
+from pipelines.data import shards as sh
+from pipelines.data.preprocess import run_preprocess
+from pipelines.data.sources import (
     ListLine,
     SourceError,
     detect_layout,

@@ -17,9 +17,9 @@ import pytest
 from conftest import REPO
 from mlflow import MlflowClient
 
-from pipelines import tracking
-from pipelines.journal import MetricJournal, TrackingUnavailable, drain, send_pending
-from pipelines.train import _claim_name
+from pipelines.train import tracking
+from pipelines.train.journal import MetricJournal, TrackingUnavailable, drain, send_pending
+from pipelines.train.launcher import _claim_name
 
 
 def _journal(tmp_path) -> MetricJournal:
@@ -117,7 +117,7 @@ def test_a_fresh_sqlite_store_opened_by_many_processes_at_once(tmp_path):
         import os, sys
         os.environ["MLFLOW_TRACKING_URI"] = {uri!r}
         sys.path.insert(0, {str(REPO)!r})
-        from pipelines import tracking
+        from pipelines.train import tracking
         import mlflow
         tracking.setup_mlflow()
         tracking.retry_store_races(lambda: mlflow.set_experiment("e" + sys.argv[1]))

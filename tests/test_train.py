@@ -31,17 +31,17 @@ from test_ingest import corrupt_record, write_dataset
 from alexnet import build_model
 from alexnet.augment import normalize, ten_crop
 from pipelines import config as C
-from pipelines import tracking
-from pipelines.ingest import make_loader
-from pipelines.shards import split_readers
-from pipelines.train import (
+from pipelines.data.shards import split_readers
+from pipelines.train import tracking
+from pipelines.train.ingest import make_loader
+from pipelines.train.launcher import (
     TrainError,
     check_config,
     resolve_run,
     run_train,
     storage_filesystem,
 )
-from pipelines.train_loop import (
+from pipelines.train.loop import (
     CHAOS_ENV,
     DeviceBatches,
     Progress,
@@ -131,7 +131,7 @@ def test_ten_crop_evaluation_averages_the_softmax_of_the_ten_crops(data):
     got, confusion = evaluate(net, loader, "cpu", stats, ten_crop=True, world=1,
                               num_classes=3)
     # By hand, image by image, straight from the records.
-    from pipelines.shards import ShardReader, decode_image
+    from pipelines.data.shards import ShardReader, decode_image
 
     losses, hits, preds = [], [], []
     for shard in m["splits"]["val"]["shards"]:
@@ -354,8 +354,8 @@ def test_champion_moves_only_to_a_better_version(mlflow_uri):
 def shards(ray_local, tmp_path_factory):
     """96 train + 24 val real JPEGs (4 classes) preprocessed by the real pipeline, with one
     train record corrupted on disk (bit rot) that every epoch must skip and count."""
-    from pipelines.preprocess import run_preprocess
-    from pipelines.sample import make_sample
+    from pipelines.data.preprocess import run_preprocess
+    from pipelines.data.sample import make_sample
 
     root = tmp_path_factory.mktemp("train")
     make_sample(root / "src", classes=4, train_per_class=24, val_per_class=6, seed=2,

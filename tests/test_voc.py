@@ -15,10 +15,10 @@ import cv2
 import numpy as np
 import pytest
 
-from pipelines import shards as sh
 from pipelines.config import PreprocessConfig
-from pipelines.preprocess import run_preprocess
-from pipelines.sources import SourceError, detect_layout, list_source
+from pipelines.data import shards as sh
+from pipelines.data.preprocess import run_preprocess
+from pipelines.data.sources import SourceError, detect_layout, list_source
 
 # Written out, not imported: the test states VOC's order itself.
 VOC_ORDER = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",

@@ -56,7 +56,7 @@ import numpy as np
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import ParseError, fromstring
 
-from pipelines.decode import BOX_MARGIN
+from pipelines.data.decode import BOX_MARGIN
 
 LAYOUTS = ("imagenet", "imagefolder", "images-list", "cifar", "voc")
 IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".jpe", ".jfif", ".png", ".bmp", ".dib", ".gif", ".webp",

@@ -209,7 +209,7 @@ def not_an_output(out: str | os.PathLike) -> str:
         return (f"{out} does not exist; make it with `python workflow.py preprocess "
                 f"--source SRC --out {out}`")
     if (out / "preprocess.json").is_file():
-        from pipelines.preprocess import resume_command  # preprocess imports this module
+        from pipelines.data.preprocess import resume_command  # preprocess imports this module
 
         return (f"{out} is an unfinished preprocess OUT (no {MANIFEST}: the run was stopped "
                 f"before the end); finish it with the same command, which keeps the "

@@ -5,7 +5,7 @@
     python workflow.py verify --data data/sample-shards
 
 Stages (one streaming Ray Data pipeline per run, all splits together):
-  listing (driver, no stat per file, pipelines/sources.py) -> shuffled with --seed and cut
+  listing (driver, no stat per file, pipelines/data/sources.py) -> shuffled with --seed and cut
   into near-equal shards -> map_batches(read -> decode -> rescale -> encode + exact pixel
   moments -> stage), parallel tasks on every node, each writing its rows of each shard as
   one atomic "piece" file (named by its positions, so a retried task adds nothing twice) ->
@@ -37,11 +37,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines import shards as sh
 from pipelines.config import PreprocessConfig, to_dict
-from pipelines.decode import DecodeError, crop_box, decode_rgb, encode, pixel_moments, rescale
+from pipelines.data import shards as sh
+from pipelines.data.decode import DecodeError, crop_box, decode_rgb, encode, pixel_moments, rescale
+from pipelines.data.sources import VOC_OBJECT, Listing, list_source
 from pipelines.runtime import cluster_cpus, init_ray, stop_local_ray, warm_data_workers
-from pipelines.sources import VOC_OBJECT, Listing, list_source
 
 # Bytes per encoded 256x256 record when no sample could be encoded to measure it.
 EST_RECORD_BYTES = {"jpeg": 30_000, "raw": 256 * 256 * 3}
@@ -725,7 +725,7 @@ def _run_pipeline(pending: pa.Table, root: str, out: Path, cfg: PreprocessConfig
     started = init_ray(lean=True, log_to_driver=False, configure_logging=False)
     try:
         _check_shared(out)
-        warm_data_workers(["pipelines.preprocess"])
+        warm_data_workers(["pipelines.data.preprocess"])
         timing["ray_start_s"] = time.time() - t
         _stage_and_commit(pending, root, out, cfg, plan, timing)
     finally:

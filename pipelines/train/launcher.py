@@ -7,7 +7,7 @@
 This file is the launcher: it checks the flags and the data (every error here comes before
 any worker starts), opens the MLflow run, builds ScalingConfig/RunConfig/TorchTrainer and,
 when training ends, logs the confusion matrix and logs + registers the best checkpoint as the
-model. The loop every worker runs is in `pipelines/train_loop.py`.
+model. The loop every worker runs is in `pipelines/train/loop.py`.
 """
 
 from __future__ import annotations
@@ -26,11 +26,16 @@ import numpy as np
 import yaml
 
 from pipelines import config as C
-from pipelines import tracking
+from pipelines.data.shards import manifest_digest, read_manifest
 from pipelines.runtime import init_ray
-from pipelines.shards import manifest_digest, read_manifest
+from pipelines.train import tracking
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
+# What a logged MLflow model carries of this project (its code_paths): the model and the
+# serving path, not Ray, training or preprocessing.
+SERVING_CODE = ("pipelines/__init__.py", "pipelines/serve/__init__.py",
+                "pipelines/serve/bundle.py", "pipelines/serve/pyfunc_model.py",
+                "pipelines/data/__init__.py", "pipelines/data/decode.py")
 
 
 class TrainError(RuntimeError):
@@ -224,7 +229,7 @@ def check_config(cfg: C.TrainConfig) -> tuple[dict, dict]:
     """Every check that can fail before a worker starts: flags, manifest, shards. Returns
     (manifest, {split: {records, shards}})."""
     from alexnet import INPUT_SIZE, check_variant, min_input_size
-    from pipelines.ingest import DatasetMismatch, check_dataset
+    from pipelines.train.ingest import DatasetMismatch, check_dataset
 
     C.resolve_auto(cfg)
     try:
@@ -274,7 +279,7 @@ def prepare_start(cfg: C.TrainConfig, manifest: dict) -> dict | None:
     import torch
 
     from alexnet import build_model
-    from pipelines.pretrained import (
+    from pipelines.train.pretrained import (
         IMAGENET_MEAN,
         IMAGENET_STD,
         WeightsError,
@@ -368,7 +373,7 @@ def log_bundle_model(bundle_dir: str):
     input example) in the active run; returns MLflow's ModelInfo."""
     import mlflow
 
-    from pipelines.model_package import INFERENCE, WEIGHTS, load_info
+    from pipelines.serve.bundle import INFERENCE, WEIGHTS, load_info
 
     info = load_info(bundle_dir)
     sig, example = signature_and_example(info)
@@ -381,10 +386,14 @@ def log_bundle_model(bundle_dir: str):
         bundle.mkdir()
         for fname in (WEIGHTS, INFERENCE):
             shutil.copy2(Path(bundle_dir) / fname, bundle / fname)
+        code = Path(tmp) / "code"
+        for rel in SERVING_CODE:
+            (code / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, code / rel)
         return mlflow.pyfunc.log_model(
-            name="model", python_model=str(ROOT / "pipelines" / "pyfunc_model.py"),
+            name="model", python_model=str(ROOT / "pipelines" / "serve" / "pyfunc_model.py"),
             artifacts={"bundle": str(bundle)},
-            code_paths=[str(ROOT / "alexnet"), str(ROOT / "pipelines")],
+            code_paths=[str(ROOT / "alexnet"), str(code / "pipelines")],
             signature=sig, input_example=example,
             metadata={"variant": info["variant"], "input_size": info["input_size"],
                       "num_classes": info["num_classes"]})
@@ -400,7 +409,7 @@ def log_and_register(bundle_dir: str, cfg: C.TrainConfig, val_error: float | Non
     import mlflow
     from mlflow import MlflowClient
 
-    from pipelines.model_package import load_info
+    from pipelines.serve.bundle import load_info
 
     client, name = MlflowClient(), cfg.tracking.registered_model
     if run_id is not None and epoch is not None:
@@ -441,8 +450,8 @@ def _log_start(cfg: C.TrainConfig, manifest: dict, found: dict, digest: str) -> 
     import cv2
     import mlflow
 
-    from pipelines.ingest import augmented_samples
-    from pipelines.shards import split_readers
+    from pipelines.data.shards import split_readers
+    from pipelines.train.ingest import augmented_samples
 
     mlflow.log_params(C.flatten(cfg))
     dataset, tags = tracking.dataset_input(cfg.data.data, Path(cfg.data.data).name, digest,
@@ -467,7 +476,7 @@ def _log_confusion(ckpt_dir: str, classes: list[dict]) -> list[str]:
     """The best checkpoint's val confusion matrix: PNG + the top confusions as a table."""
     import mlflow
 
-    from pipelines.train_loop import read_confusion
+    from pipelines.train.loop import read_confusion
 
     matrix = read_confusion(ckpt_dir)
     if matrix is None:
@@ -569,8 +578,8 @@ def run_train(cfg: C.TrainConfig) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.progress import EpochProgress
-    from pipelines.train_loop import CHAOS_ENV, train_loop_per_worker
+    from pipelines.train.loop import CHAOS_ENV, train_loop_per_worker
+    from pipelines.train.progress import EpochProgress
 
     manifest, found = check_config(cfg)
     digest = manifest_digest(cfg.data.data)
@@ -741,7 +750,7 @@ def finish_run(cfg: C.TrainConfig, fs, run_dir: str, run_id: str, uri: str,
     import mlflow
     from ray.train import Checkpoint
 
-    from pipelines.journal import (
+    from pipelines.train.journal import (
         JOURNAL,
         MetricJournal,
         TrackingUnavailable,

@@ -39,7 +39,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.config import InferConfig
-from pipelines.predict import (
+from pipelines.data.sources import IMAGE_EXTENSIONS, SourceError, read_images_list
+from pipelines.runtime import init_ray, stop_local_ray
+from pipelines.serve.predict import (
     DEFAULT_MODEL,
     InferError,
     ModelRef,
@@ -49,8 +51,6 @@ from pipelines.predict import (
     resolve_models,
     topk,
 )
-from pipelines.runtime import init_ray, stop_local_ray
-from pipelines.sources import IMAGE_EXTENSIONS, SourceError, read_images_list
 
 __all__ = ["InferError", "ModelRef", "SCHEMA", "list_inputs", "resolve_model", "run_batch_infer"]
 
@@ -211,7 +211,7 @@ def list_inputs(path: str, split: str, classes: list[dict], path_column: str = "
 
     Lists paths only; no image is opened here (a million files list in seconds), so an
     unreadable file becomes an error row later rather than a failure now."""
-    from pipelines.shards import MANIFEST, manifest_digest, not_an_output, read_manifest
+    from pipelines.data.shards import MANIFEST, manifest_digest, not_an_output, read_manifest
 
     if not path:
         raise InferError("--input is required: a folder of images, a preprocess OUT, an "
@@ -269,9 +269,9 @@ def load_crops(batch: dict[str, np.ndarray], geometries: list[tuple[int, int]],
 
     Returns the batch with `crops_<g>` uint8 [N, S, S, 3] ([N, 10, S, S, 3] with ten_crop)
     per geometry g, and `error` ("" when fine); a failed row keeps zero pixels."""
-    from pipelines.decode import decode_rgb
-    from pipelines.predict import make_crops
-    from pipelines.shards import ShardReader, decode_image
+    from pipelines.data.decode import decode_rgb
+    from pipelines.data.shards import ShardReader, decode_image
+    from pipelines.serve.predict import make_crops
 
     n = len(batch["path"])
     shape = (10,) if ten_crop else ()
@@ -318,7 +318,7 @@ def _model_source(ref: ModelRef, ship: bool) -> dict:
     Ray ships nothing: 240 MB of weights would be copied into the store for no reader."""
     import ray
 
-    from pipelines.predict import INFERENCE, WEIGHTS
+    from pipelines.serve.predict import INFERENCE, WEIGHTS
 
     bundle = Path(ref.bundle)
     info = (bundle / INFERENCE).read_text()
@@ -334,7 +334,7 @@ class Predictor:
         import ray
         import torch
 
-        from pipelines.predict import INFERENCE, WEIGHTS, Ensemble
+        from pipelines.serve.predict import INFERENCE, WEIGHTS, Ensemble
 
         torch.set_num_threads(max(1, threads))
         with tempfile.TemporaryDirectory(prefix="alexnet-actor-") as tmp:
@@ -601,7 +601,7 @@ def log_evaluation(cfg: InferConfig, refs: list[ModelRef], result: dict,
     import mlflow
 
     from pipelines import config as C
-    from pipelines.tracking import setup_mlflow
+    from pipelines.train.tracking import setup_mlflow
 
     setup_mlflow()
     mlflow.set_experiment(cfg.experiment)
@@ -787,7 +787,7 @@ def _log_evaluation_or_keep(cfg: InferConfig, refs: list[ModelRef], result: dict
     """Log the evaluation run; when MLflow cannot take it, the predictions are written all
     the same: keep the summary beside them (to log later) and return a warning instead of
     failing a job whose work is done."""
-    from pipelines.journal import short_requests
+    from pipelines.train.journal import short_requests
 
     summary = {k: v for k, v in result.items() if k != "per_class"}
     try:

@@ -7,7 +7,7 @@ A model bundle is a directory with
     the class index (`[{index, wnid, name}]`) and the dataset manifest digest.
 
 The same bundle is a local checkpoint that `batch-infer --model DIR` accepts, and the
-artifacts of the MLflow model: it is logged as "models from code" (`pipelines/pyfunc_model.py`
+artifacts of the MLflow model: it is logged as "models from code" (`pipelines/serve/pyfunc_model.py`
 is copied, not pickled), so `mlflow.pyfunc.load_model(uri).predict(images)` works anywhere the
 project's code is importable, and the Model Registry holds nothing unpickled on load.
 """
@@ -63,7 +63,7 @@ def load_bundle(directory: str | os.PathLike, device: str = "cpu") -> tuple[torc
 def preprocess_image(rgb: np.ndarray, info: dict) -> np.ndarray:
     """The model's own evaluation transform: rescale the shorter side, centre crop."""
     from alexnet.augment import center_crop
-    from pipelines.decode import rescale
+    from pipelines.data.decode import rescale
 
     img = rescale(rgb, info["resize"], center_crop=False)
     return center_crop(img, info["input_size"])

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_MODEL = "models:/alexnet@champion"
-# The bundle's file names (pipelines.model_package.WEIGHTS / INFERENCE, checked equal by a
+# The bundle's file names (pipelines.serve.bundle.WEIGHTS / INFERENCE, checked equal by a
 # test), repeated here so that resolving a model and decoding images never import torch:
 # the driver and every decode worker would pay seconds and ~200 MB for it.
 WEIGHTS, INFERENCE = "weights.pt", "inference.json"
@@ -97,7 +97,7 @@ def resolve_model(ref: str, dst: str | None = None) -> ModelRef:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from pipelines.tracking import setup_mlflow
+    from pipelines.train.tracking import setup_mlflow
 
     setup_mlflow()
     client = MlflowClient()
@@ -220,7 +220,7 @@ def make_crops(rgb: np.ndarray, geom: tuple[int, int], ten_crop: bool) -> np.nda
     crop) and `alexnet.augment.ten_crop` (torchvision's order: corners, centre, then the same
     of the mirror) - a test holds them equal - in numpy and OpenCV only, so decode workers
     never import torch."""
-    from pipelines.decode import rescale
+    from pipelines.data.decode import rescale
 
     resize, size = geom
     h, w = rgb.shape[:2]
@@ -240,7 +240,7 @@ class Ensemble:
     def __init__(self, bundles: list[str], device: str = "cpu", amp: bool = False):
         import torch
 
-        from pipelines.model_package import load_bundle
+        from pipelines.serve.bundle import load_bundle
 
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -268,7 +268,7 @@ class Ensemble:
         probabilities [N, classes] float32 (mean over the ten crops, then over the models)."""
         import torch
 
-        from pipelines.model_package import to_input
+        from pipelines.serve.bundle import to_input
 
         total = None
         with torch.inference_mode():
@@ -305,7 +305,7 @@ def predict_files(paths: list[str], models: list[str] | str | None = None,
     {path, error}; a file that does not decode is an entry with `error`, not an exception."""
     import tempfile
 
-    from pipelines.decode import decode_rgb
+    from pipelines.data.decode import decode_rgb
 
     with tempfile.TemporaryDirectory(prefix="alexnet-predict-") as tmp:
         refs = resolve_models(models or [DEFAULT_MODEL], tmp)

@@ -1,6 +1,6 @@
 """Training input: each Ray Train worker reads its share of the LMDB shards directly.
 
-Used by `pipelines/train_loop.py`; measured by `python benchmarks/ingest.py`.
+Used by `pipelines/train/loop.py`; measured by `python benchmarks/ingest.py`.
 
 Why per-worker readers rather than Ray Data ingest: records are already shuffled across
 shards by `preprocess`, so a worker only needs a per-epoch permutation of record indices, and
@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from alexnet.augment import center_crop, crop_params, random_crop_flip, ten_crop
-from pipelines.shards import Record, RecordError, ShardReader, decode_image, unpack_record
+from pipelines.data.shards import Record, RecordError, ShardReader, decode_image, unpack_record
 
 
 class DatasetMismatch(ValueError):
@@ -52,7 +52,7 @@ def check_dataset(data: str | Path, manifest: dict, train_split: str, val_split:
     fix = "make the dataset again: `python workflow.py preprocess --source SRC --out NEW_OUT`"
 
     def repair() -> str:  # only when needed: it reads preprocess.json
-        from pipelines.verify import repair_advice
+        from pipelines.data.verify import repair_advice
 
         return repair_advice(data)
 

@@ -1,6 +1,6 @@
 """The per-worker training loop that Ray Train runs in every worker process.
 
-Launched by `pipelines/train.py` (`python workflow.py train`); never run directly.
+Launched by `pipelines/train/launcher.py` (`python workflow.py train`); never run directly.
 One call of `train_loop_per_worker` = one worker of one attempt: after a failure Ray restarts
 the whole group and this function starts again from `ray.train.get_checkpoint()`.
 
@@ -31,9 +31,9 @@ from alexnet.augment import normalize, pca_lighting
 from alexnet.metrics import ErrorMeter, topk_correct
 from pipelines import config as C
 from pipelines import precision
-from pipelines.ingest import decode_crop_batch, make_loader
-from pipelines.model_package import save_bundle
-from pipelines.shards import read_manifest, split_readers
+from pipelines.data.shards import read_manifest, split_readers
+from pipelines.serve.bundle import save_bundle
+from pipelines.train.ingest import decode_crop_batch, make_loader
 
 STATE, CONFUSION, CONFIG = "state.pt", "val_confusion.npy", "config.yaml"
 # Environment variable of the chaos hook (see `Chaos`); the launcher forwards it to workers.
@@ -52,11 +52,11 @@ class RankZero:
 
 class RunMetrics:
     """Rank 0's metrics: into the run's journal (durable, beside the checkpoints), then to
-    MLflow by a background sender. Nothing here waits on MLflow (see pipelines/journal.py)."""
+    MLflow by a background sender. Nothing here waits on MLflow (see pipelines/train/journal.py)."""
 
     def __init__(self, cfg: C.TrainConfig, tracking_uri: str, run_id: str):
-        from pipelines.journal import JOURNAL, MetricJournal, MetricSender
-        from pipelines.train import storage_filesystem
+        from pipelines.train.journal import JOURNAL, MetricJournal, MetricSender
+        from pipelines.train.launcher import storage_filesystem
 
         fs, root = storage_filesystem(cfg.run.storage)
         self.journal = MetricJournal(fs, f"{root}/{cfg.run.name}/{JOURNAL}")
@@ -188,7 +188,7 @@ def param_groups(net: torch.nn.Module, weight_decay: float, bias_decay: bool,
     alive towards zero. With `body_lr_mult` (fine-tuning), every layer but the last runs at
     that fraction of the lr; each group's `lr_mult` says its share, and the groups at the
     full rate come first (their lr is the one logged)."""
-    from pipelines.pretrained import HEAD
+    from pipelines.train.pretrained import HEAD
 
     groups: dict[tuple[float, bool], list] = {}
     for name, p in net.named_parameters():
@@ -465,7 +465,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     data_dir = cfg.data.data
     if cfg.data.cache_dir:  # shards not on shared storage: one verified local copy per node
-        from pipelines.shard_cache import localize
+        from pipelines.data.shard_cache import localize
 
         data_dir, _ = localize(cfg.data.data, cfg.data.cache_dir,
                                (cfg.data.train_split, cfg.data.val_split))
@@ -491,7 +491,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     optimizer = make_optimizer(cfg, net, lr)
     scheduler = make_scheduler(cfg, optimizer, lr)
     start_epoch, progress = 0, Progress()
-    from pipelines.journal import prefer_short_requests
+    from pipelines.train.journal import prefer_short_requests
 
     prefer_short_requests()  # this worker only sends metrics: fail fast, the sender retries
     logger = rank_zero(RunMetrics, cfg, loop_config["tracking_uri"], loop_config["run_id"])
@@ -587,7 +587,7 @@ def read_init_weights(cfg: C.TrainConfig, path: str) -> dict[str, torch.Tensor]:
     storage Ray Train writes to, so workers on every node read the same file)."""
     import io
 
-    from pipelines.train import storage_filesystem
+    from pipelines.train.launcher import storage_filesystem
 
     fs, _ = storage_filesystem(cfg.run.storage)
     with fs.open_input_stream(path) as fh:

@@ -141,7 +141,7 @@ def _example(info: dict, n: int = 2):
     """`n` images of random pixels, preprocessed as the model's own inputs are."""
     import numpy as np
 
-    from pipelines.model_package import to_input
+    from pipelines.serve.bundle import to_input
 
     size = int(info["input_size"])
     pixels = np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
@@ -236,8 +236,8 @@ def export_model(ref: str, fmt: str, out: str | os.PathLike, overwrite: bool = F
     import numpy as np
     import torch
 
-    from pipelines.model_package import load_bundle
-    from pipelines.predict import resolve_model
+    from pipelines.serve.bundle import load_bundle
+    from pipelines.serve.predict import resolve_model
 
     with tempfile.TemporaryDirectory(prefix="alexnet-export-") as dl:
         resolved = resolve_model(ref, dl)

@@ -1,6 +1,6 @@
 """Shards on a cluster without a shared filesystem: copy them to local disk once per node.
 
-    from pipelines.shard_cache import localize
+    from pipelines.data.shard_cache import localize
     out, report = localize("s3://bucket/imagenet-shards", "/mnt/local-ssd/shard-cache",
                            splits=("train", "val"))
     # `out` is a local preprocess OUT (manifest.json + shards): read it as usual.
