@@ -38,7 +38,8 @@ def cmd_make_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from pipelines.data.preprocess import format_dry_run, run_preprocess, summary_table
+    from pipelines.data.manifest import summary_table
+    from pipelines.data.preprocess import format_dry_run, run_preprocess
 
     cfg = C.load(C.PreprocessConfig, args)
     manifest = run_preprocess(cfg)
@@ -92,7 +93,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     import os
     import tempfile
 
-    from pipelines.train.launcher import apply_variant_defaults, run_train, stored_config
+    from pipelines.train.launcher import apply_variant_defaults, run_train
+    from pipelines.train.storage import stored_config
 
     stored = None
     if args.resume and not args.config:
@@ -120,7 +122,7 @@ def _print_summary(summary: dict, as_json: bool) -> None:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from pipelines.train.launcher import run_register
+    from pipelines.train.registry import run_register
 
     summary = run_register(args.run)
     _print_summary(summary, args.json)
@@ -322,11 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Errors that mean "your input is wrong", shown as one line, not a traceback.
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipelines.data.preprocess import PreprocessError
+    from pipelines.data.output import PreprocessError
     from pipelines.data.sources import SourceError
     from pipelines.serve.export import ExportError
     from pipelines.serve.infer import InferError
-    from pipelines.train.launcher import TrainError
+    from pipelines.train.errors import TrainError
 
     return (ExportError, InferError, PreprocessError, SourceError, TrainError, FileNotFoundError,
             FileExistsError, ValueError)
@@ -355,7 +357,7 @@ def _interrupted(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:
 def main(argv: list[str] | None = None) -> int:
     import yaml
 
-    from pipelines.train.launcher import TrackingPending
+    from pipelines.train.errors import TrackingPending
 
     args = build_parser().parse_args(argv)
     try:

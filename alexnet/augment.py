@@ -2,8 +2,8 @@
 
 Two halves, split by where they run:
 
-- per image, on the CPU, as uint8 numpy ``HxWx3`` arrays (:func:`random_crop_flip`,
-  :func:`center_crop`, :func:`ten_crop`): crops and flips only move bytes, so they stay uint8
+- per image, on the CPU, as uint8 numpy ``HxWx3`` arrays (:func:`random_crop_flip`; the
+  evaluation crops :func:`center_crop` and :func:`ten_crop` are :mod:`alexnet.crops`'): crops and flips only move bytes, so they stay uint8
   and the data loader ships 4x fewer bytes than float32 would;
 - per batch, on the training device, as ``[N, 3, H, W]`` tensors (:func:`pca_lighting`,
   :func:`normalize`): the float work happens where the FLOPs are cheap.
@@ -17,6 +17,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
+
+from alexnet import crops
+from alexnet.crops import center_crop
 
 __all__ = [
     "center_crop",
@@ -138,35 +141,6 @@ def _mirror(img: np.ndarray) -> np.ndarray:
     return torch.from_numpy(img).flip(1).numpy()
 
 
-def center_crop(img: np.ndarray, size: int) -> np.ndarray:
-    """The central ``size`` x ``size`` crop, offsets rounded as torchvision rounds them."""
-    h, w = img.shape[:2]
-    if h < size or w < size:
-        raise ValueError(f"image {h}x{w} is smaller than the crop size {size}")
-    top = int(round((h - size) / 2.0))
-    left = int(round((w - size) / 2.0))
-    return np.ascontiguousarray(img[top : top + size, left : left + size])
-
-
-def _five_crop(img: np.ndarray, size: int) -> list[np.ndarray]:
-    h, w = img.shape[:2]
-    return [
-        img[:size, :size],
-        img[:size, w - size :],
-        img[h - size :, :size],
-        img[h - size :, w - size :],
-        center_crop(img, size),
-    ]
-
-
 def ten_crop(img: np.ndarray, size: int) -> np.ndarray:
-    """The paper's test-time crops: ``[10, size, size, 3]`` uint8.
-
-    Order as ``torchvision.transforms.functional.ten_crop``: top-left, top-right,
-    bottom-left, bottom-right, centre, then the same five cut from the mirrored image
-    (so the 7th is the mirror of the top-right corner, not of the top-left).
-    """
-    h, w = img.shape[:2]
-    if h < size or w < size:
-        raise ValueError(f"image {h}x{w} is smaller than the crop size {size}")
-    return np.stack(_five_crop(img, size) + _five_crop(_mirror(np.ascontiguousarray(img)), size))
+    """The paper's ten crops (:func:`alexnet.crops.ten_crop`), mirrored with torch's copy."""
+    return crops.ten_crop(img, size, mirror=_mirror)

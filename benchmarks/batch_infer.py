@@ -62,7 +62,7 @@ def prepare(images: int) -> tuple[Path, Path]:
         import torch
 
         from alexnet import build_model
-        from pipelines.serve.bundle import save_bundle
+        from pipelines.serve.model import save_bundle
 
         torch.manual_seed(0)
         net = build_model("torchvision", 1000, init="default")
@@ -95,7 +95,7 @@ def child_baseline(args) -> dict:
     import torch
 
     from pipelines.data.decode import decode_rgb
-    from pipelines.serve.bundle import load_bundle, predict_proba, preprocess_image
+    from pipelines.serve.model import load_bundle, predict_proba, preprocess_image
 
     torch.set_num_threads(args.threads)
     files = Path(args.list).read_text().split()

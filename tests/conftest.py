@@ -20,7 +20,7 @@ def register_bundle(bundle: Path, name: str, val_error: float) -> SimpleNamespac
     import mlflow
 
     from pipelines import config as C
-    from pipelines.train.launcher import log_and_register
+    from pipelines.train.registry import log_and_register
     from pipelines.train.tracking import setup_mlflow
 
     setup_mlflow()

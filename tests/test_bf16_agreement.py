@@ -9,7 +9,7 @@ import torch
 from conftest import REPO
 
 from pipelines.precision import cpu_has_native_bf16
-from pipelines.serve.bundle import save_bundle
+from pipelines.serve.model import save_bundle
 
 
 def test_bf16_agreement_script_on_a_tiny_checkpoint(tmp_path):

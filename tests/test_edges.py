@@ -47,7 +47,7 @@ def world(tmp_path_factory):
 
     from alexnet import build_model
     from pipelines.data.sample import make_sample
-    from pipelines.serve.bundle import save_bundle
+    from pipelines.serve.model import save_bundle
 
     root = tmp_path_factory.mktemp("edges")
     src = root / "src"

@@ -17,8 +17,8 @@ from conftest import IMAGENET_SAMPLE, register_bundle
 
 import workflow
 from pipelines.data.decode import decode_rgb
-from pipelines.serve.bundle import load_bundle, preprocess_image, save_bundle, to_input
 from pipelines.serve.export import INSTALL_HINT, META_KEY, export_model, sidecar_path
+from pipelines.serve.model import load_bundle, preprocess_image, save_bundle, to_input
 
 TOL = 1e-4  # max abs difference allowed between an exported model's logits and PyTorch's
 # Per variant: (groups, crop, resize). The paper variant is the one with the 224 input,
@@ -134,7 +134,7 @@ def test_exported_model_equals_pytorch_on_real_jpegs(bundles, jpegs, tmp_path, f
     assert np.abs(expected).max() > 1.0  # the logits are not near zero (see _bundle)
     assert diff <= TOL
     # The output is logits: their softmax is what `predict` reports.
-    from pipelines.serve.bundle import predict_proba
+    from pipelines.serve.model import predict_proba
 
     probs = torch.softmax(torch.from_numpy(got), dim=1).numpy()
     np.testing.assert_allclose(probs, predict_proba(model, crops, info), atol=TOL)

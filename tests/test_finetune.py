@@ -108,7 +108,8 @@ def test_imported_torchvision_weights_are_served_like_a_trained_model(tmp_path, 
     carried = sorted(str(p.relative_to(local / "code" / "pipelines"))
                      for p in (local / "code" / "pipelines").rglob("*.py"))
     assert carried == ["__init__.py", "data/__init__.py", "data/decode.py",
-                       "serve/__init__.py", "serve/bundle.py", "serve/pyfunc_model.py"]
+                       "serve/__init__.py", "serve/bundle.py", "serve/model.py",
+                       "serve/pyfunc_model.py"]
     assert (local / "code" / "alexnet" / "model.py").is_file()
 
     image = sorted((tiny_source / "train").rglob("*.JPEG"))[0]
@@ -116,8 +117,9 @@ def test_imported_torchvision_weights_are_served_like_a_trained_model(tmp_path, 
                            amp=False)[0]
     # The served model is the imported one: same probabilities as torchvision's own
     # module on the same preprocessed input.
-    from pipelines.serve.bundle import to_input
-    from pipelines.serve.predict import make_crops, read_info, resolve_model
+    from pipelines.serve.bundle import make_crops, read_info
+    from pipelines.serve.model import to_input
+    from pipelines.serve.predict import resolve_model
 
     info = read_info(resolve_model("models:/alexnet-torchvision@champion").bundle)
     assert info["resize"] == 256 and info["input_size"] == 224

@@ -27,8 +27,10 @@ import torch
 from conftest import REPO, register_bundle
 
 from pipelines import config as C
-from pipelines.serve.bundle import predict_proba, preprocess_image, save_bundle
-from pipelines.serve.infer import SCHEMA, InferError, list_inputs, run_batch_infer
+from pipelines.serve.infer import InferError, run_batch_infer
+from pipelines.serve.inputs import list_inputs
+from pipelines.serve.model import predict_proba, preprocess_image, save_bundle
+from pipelines.serve.output import SCHEMA
 from pipelines.serve.predict import predict_files, resolve_model
 
 CLASSES = 4
@@ -97,7 +99,7 @@ def trained(world):
     chance is 0.25), registered as `alexnet-trained`."""
     from alexnet import build_model
     from pipelines.data.decode import decode_rgb
-    from pipelines.serve.bundle import to_input
+    from pipelines.serve.model import to_input
 
     info = _info(world.classes)
     xs, ys = [], []
@@ -301,7 +303,7 @@ def test_shards_input_labels_and_paths_from_records(ray_local, world, tmp_path):
 
 
 def test_shard_labels_are_matched_by_wnid_when_the_class_lists_differ(tmp_path):
-    from pipelines.serve.infer import shard_label_map
+    from pipelines.serve.inputs import shard_label_map
 
     model = [{"index": i, "wnid": w, "name": w} for i, w in enumerate(["n1", "n2", "n3"])]
     assert shard_label_map(model, model, tmp_path) == {}
@@ -362,15 +364,15 @@ def test_bad_inputs_are_clear_errors(world, tmp_path):
 def test_actor_loads_shipped_weights_when_the_bundle_dir_is_elsewhere(ray_local, world):
     """On a multi-node cluster the driver's download dir is not on the actor's node: the
     weights come through the object store. Same predictions as reading the dir."""
-    from pipelines.serve.infer import Predictor, _model_source
+    from pipelines.serve.actor import Predictor, model_source
     from pipelines.serve.predict import ModelRef
 
-    shipped = _model_source(ModelRef(uri="x", bundle=str(world.a.bundle)), ship=True)
+    shipped = model_source(ModelRef(uri="x", bundle=str(world.a.bundle)), ship=True)
     assert shipped["blob"][0] is not None
     far = dict(shipped, dir="/nonexistent/node-local/bundle")
-    near = _model_source(ModelRef(uri="x", bundle=str(world.a.bundle)), ship=False)
+    near = model_source(ModelRef(uri="x", bundle=str(world.a.bundle)), ship=False)
     from pipelines.data.decode import decode_rgb
-    from pipelines.serve.predict import make_crops
+    from pipelines.serve.bundle import make_crops
 
     crops = np.stack([make_crops(decode_rgb(p.read_bytes()), (40, 32), False)
                       for p in world.val[:4]])
@@ -400,20 +402,18 @@ def test_gpu_without_a_gpu_is_a_clear_error(ray_local, world, tmp_path):
 # --------------------------------------------------------------------------- ten-crop, ensembles
 @pytest.mark.parametrize("h, w, geom", [(48, 96, (40, 32)), (301, 257, (256, 224)),
                                         (224, 500, (256, 224)), (37, 36, (40, 32))])
-def test_decode_side_crops_are_the_model_package_transform(h, w, geom):
+def test_decode_side_crops_are_the_served_models_transform(h, w, geom):
     """Decode workers crop without torch; the pixels must be the model's own transform
     (what the logged pyfunc model does) and the paper's ten crops as alexnet.augment cuts them."""
     from alexnet.augment import ten_crop
     from pipelines.data.decode import rescale
-    from pipelines.serve import bundle as model_package
-    from pipelines.serve import predict as P
-    from pipelines.serve.predict import make_crops
+    from pipelines.serve.bundle import make_crops
+    from pipelines.serve.model import preprocess_image
 
-    assert (P.WEIGHTS, P.INFERENCE) == (model_package.WEIGHTS, model_package.INFERENCE)
     rgb = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8)
     info = {"resize": geom[0], "input_size": geom[1]}
     np.testing.assert_array_equal(make_crops(rgb, geom, False),
-                                  model_package.preprocess_image(rgb, info))
+                                  preprocess_image(rgb, info))
     np.testing.assert_array_equal(make_crops(rgb, geom, True),
                                   ten_crop(rescale(rgb, geom[0], center_crop=True), geom[1]))
     with pytest.raises(ValueError, match="aspect ratio 130:2 is beyond 64:1"):
@@ -425,7 +425,7 @@ def test_decode_side_crops_are_the_model_package_transform(h, w, geom):
 def test_ten_crop_is_the_mean_of_the_ten_crops_softmax(ray_local, world, trained, tmp_path):
     from alexnet.augment import ten_crop
     from pipelines.data.decode import decode_rgb, rescale
-    from pipelines.serve.bundle import load_bundle
+    from pipelines.serve.model import load_bundle
 
     imgs = tmp_path / "imgs"
     imgs.mkdir()

@@ -16,12 +16,9 @@ import pytest
 from pipelines.config import PreprocessConfig
 from pipelines.data import shards as sh
 from pipelines.data.decode import decode_rgb, rescale
-from pipelines.data.preprocess import (
-    PreprocessError,
-    moments_to_stats,
-    run_preprocess,
-    summary_table,
-)
+from pipelines.data.manifest import moments_to_stats, summary_table
+from pipelines.data.output import PreprocessError
+from pipelines.data.preprocess import run_preprocess
 from pipelines.data.verify import verify_output
 
 
@@ -347,13 +344,10 @@ def test_staged_pieces_count_each_position_once_and_damaged_ones_are_redone(tiny
     changed (what a machine crash can leave of a file that was never fsynced) and a killed
     task's temporary file are dropped; the committed shard and its moments equal those of a
     clean staging."""
-    from pipelines.data.preprocess import (
-        assign_shards,
-        finalize_shard,
-        stage_batch,
-        staged_positions,
-    )
+    from pipelines.data.plan import assign_shards
+    from pipelines.data.preprocess import stage_batch
     from pipelines.data.sources import list_source
+    from pipelines.data.staging import finalize_shard, staged_positions
 
     items = list_source(tiny_source).splits["train"]
     table = assign_shards(items, 1, seed=0, split="train")
@@ -394,7 +388,7 @@ def test_staged_pieces_count_each_position_once_and_damaged_ones_are_redone(tiny
 @pytest.mark.parametrize("n,batch_size,cpus", [(100_000, 1024, 2), (5000, 1024, 2), (7, 1024, 2),
                                                (1, 1024, 4), (1000, 1024, 64)])
 def test_blocks_cover_every_row_once_and_the_last_wave_is_cut_smaller(n, batch_size, cpus):
-    from pipelines.data.preprocess import MIN_TAIL_ROWS, TAIL_SPLIT, block_bounds
+    from pipelines.data.plan import MIN_TAIL_ROWS, TAIL_SPLIT, block_bounds
 
     bounds = block_bounds(n, batch_size, cpus)
     rows = [b - a for a, b in bounds]

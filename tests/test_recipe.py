@@ -21,8 +21,9 @@ from test_ingest import write_dataset
 from alexnet import PAPER_INIT_BIAS, build_model, init_paper_, min_input_size
 from pipelines import config as C
 from pipelines.data.shards import split_readers
+from pipelines.train.errors import TrainError
 from pipelines.train.ingest import make_loader
-from pipelines.train.launcher import TrainError, check_config
+from pipelines.train.launcher import check_config
 from pipelines.train.loop import (
     DeviceBatches,
     Warmup,

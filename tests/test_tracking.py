@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 from pipelines.train import tracking
 from pipelines.train.journal import MetricJournal, TrackingUnavailable, drain, send_pending
-from pipelines.train.launcher import _claim_name
+from pipelines.train.storage import claim_name
 
 
 def _journal(tmp_path) -> MetricJournal:
@@ -103,8 +103,8 @@ def test_a_champion_without_val_error_yields_to_one_with_it(mlflow_uri):
 
 def test_two_jobs_claiming_one_name_get_two(tmp_path):
     fs = pafs.LocalFileSystem()
-    assert _claim_name(fs, str(tmp_path), "alexnet")
-    assert not _claim_name(fs, str(tmp_path), "alexnet")
+    assert claim_name(fs, str(tmp_path), "alexnet")
+    assert not claim_name(fs, str(tmp_path), "alexnet")
 
 
 def test_a_fresh_sqlite_store_opened_by_many_processes_at_once(tmp_path):

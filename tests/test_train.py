@@ -33,14 +33,9 @@ from alexnet.augment import normalize, ten_crop
 from pipelines import config as C
 from pipelines.data.shards import split_readers
 from pipelines.train import tracking
+from pipelines.train.errors import TrainError
 from pipelines.train.ingest import make_loader
-from pipelines.train.launcher import (
-    TrainError,
-    check_config,
-    resolve_run,
-    run_train,
-    storage_filesystem,
-)
+from pipelines.train.launcher import check_config, run_train
 from pipelines.train.loop import (
     CHAOS_ENV,
     DeviceBatches,
@@ -53,6 +48,7 @@ from pipelines.train.loop import (
     step_scheduler,
     train_one_epoch,
 )
+from pipelines.train.storage import resolve_run, storage_filesystem
 
 NO_AMP = torch.autocast("cpu", enabled=False)
 

@@ -36,6 +36,9 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from pipelines import files
+from pipelines.files import atomic_path, atomic_write
+
 MANIFEST = "manifest.json"
 CHUNK = 8 << 20  # 8 MiB reads: large enough for object-store throughput, small in memory
 
@@ -44,40 +47,20 @@ class ShardCacheError(RuntimeError):
     """The cache cannot be filled; the message says why and what to do."""
 
 
-def _filesystem(source: str):
-    """(pyarrow filesystem, base path) for a local path or a filesystem URI."""
-    from pyarrow import fs
-
-    if "://" in source:
-        return fs.FileSystem.from_uri(source)
-    return fs.LocalFileSystem(), str(Path(source).resolve())
-
-
-def _read_text(filesystem, path: str) -> str:
-    with filesystem.open_input_stream(path) as stream:
-        return stream.read().decode("utf-8")
-
-
 def _copy_verified(filesystem, src: str, dst: Path, sha256: str | None) -> int:
     """Stream src to dst (temp file + rename), checking the sha256; returns bytes copied."""
-    tmp = dst.with_name(dst.name + f".part-{os.getpid()}")
     digest = hashlib.sha256()
     size = 0
-    try:
+    with atomic_path(dst) as tmp:
         with filesystem.open_input_stream(src) as stream, open(tmp, "wb") as out:
             while block := stream.read(CHUNK):
                 digest.update(block)
                 out.write(block)
                 size += len(block)
-            out.flush()
-            os.fsync(out.fileno())
         if sha256 and digest.hexdigest() != sha256:
             raise ShardCacheError(f"{src}: sha256 {digest.hexdigest()[:16]}... does not match "
                                   f"the manifest's {sha256[:16]}...; the source is corrupt or "
                                   f"was rewritten: re-run preprocess")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
     return size
 
 
@@ -88,8 +71,8 @@ def localize(source: str, cache_dir: str | os.PathLike,
     Returns (local OUT path, report) where report says what was copied and reused:
     {"source", "path", "shards", "copied", "reused", "bytes_copied", "seconds"}."""
     t0 = time.perf_counter()
-    filesystem, base = _filesystem(source)
-    manifest_text = _read_text(filesystem, f"{base.rstrip('/')}/{MANIFEST}")
+    filesystem, base = files.filesystem(source)
+    manifest_text = files.read_text(filesystem, f"{base.rstrip('/')}/{MANIFEST}")
     manifest = json.loads(manifest_text)
     digest = hashlib.sha256(manifest_text.encode("utf-8")).hexdigest()
     target = Path(cache_dir) / digest[:16]
@@ -117,9 +100,7 @@ def localize(source: str, cache_dir: str | os.PathLike,
         report["reused"] = len(wanted) - len(missing)
         manifest_path = target / MANIFEST
         if not manifest_path.exists() or manifest_path.read_text() != manifest_text:
-            tmp = target / (MANIFEST + ".tmp")
-            tmp.write_text(manifest_text)
-            os.replace(tmp, manifest_path)  # last: its presence means the copy is complete
+            atomic_write(manifest_path, manifest_text)  # last: its presence means complete
     report["seconds"] = round(time.perf_counter() - t0, 3)
     return str(target), report
 

@@ -33,6 +33,8 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
+from pipelines.files import atomic_path
+
 MAGIC = b"AXR1"
 HEADER = struct.Struct("<4sBBHiIII")
 ENCODINGS = {"jpeg": 0, "raw": 1}
@@ -165,30 +167,26 @@ def write_shard(path: str | os.PathLike, values, meta: dict, chunk: int = 1024) 
     transaction is committed every `chunk` records: LMDB holds a write transaction's dirty
     pages in memory, so one transaction per shard would cost a shard's size of RAM. Records
     are appended in order, so the same records give the same file bytes on every run."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    for leftover in (tmp, Path(str(tmp) + "-lock")):
-        leftover.unlink(missing_ok=True)
     chunks = [values] if isinstance(values, list) else values
-    # meminit=True zeroes unused page space, so the same records give the same file bytes
-    # (and sha256) on every run.
-    env = lmdb.open(str(tmp), subdir=False, map_size=MAP_SIZE, lock=False, sync=False,
-                    metasync=False, meminit=True)
     n = 0
-    try:
-        for part in chunks:
-            for start in range(0, len(part), chunk):
-                with env.begin(write=True) as txn:
-                    for value in part[start:start + chunk]:
-                        txn.put(record_key(n), value, append=True)
-                        n += 1
-        with env.begin(write=True) as txn:
-            txn.put(META_KEY, json.dumps({**meta, "records": n}).encode())
-        env.sync(True)  # data on disk before the rename makes the shard visible
-    finally:
-        env.close()
-    os.replace(tmp, path)
-    Path(str(tmp) + "-lock").unlink(missing_ok=True)
+    # No lock file (lock=False): the temp file has one writer and no reader before the rename.
+    with atomic_path(path, fsync=False) as tmp:
+        # meminit=True zeroes unused page space, so the same records give the same file bytes
+        # (and sha256) on every run.
+        env = lmdb.open(str(tmp), subdir=False, map_size=MAP_SIZE, lock=False, sync=False,
+                        metasync=False, meminit=True)
+        try:
+            for part in chunks:
+                for start in range(0, len(part), chunk):
+                    with env.begin(write=True) as txn:
+                        for value in part[start:start + chunk]:
+                            txn.put(record_key(n), value, append=True)
+                            n += 1
+            with env.begin(write=True) as txn:
+                txn.put(META_KEY, json.dumps({**meta, "records": n}).encode())
+            env.sync(True)  # data on disk before the rename makes the shard visible
+        finally:
+            env.close()
     return file_sha256(path)
 
 
@@ -209,7 +207,7 @@ def not_an_output(out: str | os.PathLike) -> str:
         return (f"{out} does not exist; make it with `python workflow.py preprocess "
                 f"--source SRC --out {out}`")
     if (out / "preprocess.json").is_file():
-        from pipelines.data.preprocess import resume_command  # preprocess imports this module
+        from pipelines.data.output import resume_command  # preprocess imports this module
 
         return (f"{out} is an unfinished preprocess OUT (no {MANIFEST}: the run was stopped "
                 f"before the end); finish it with the same command, which keeps the "

@@ -120,7 +120,7 @@ def repair_advice(out: str | os.PathLike) -> str:
     all give. Tried: a shard deleted with its sidecar is rebuilt by the same command (and
     only that shard), and the manifest rewritten; --overwrite alone does nothing when the
     parameters are unchanged."""
-    from pipelines.data.preprocess import resume_command
+    from pipelines.data.output import resume_command
 
     cmd = resume_command(out) or f"python workflow.py preprocess --source SRC --out {out}"
     return (f"delete the damaged shards and their .json sidecars (shard-NNNNN.lmdb.json), then "

@@ -141,7 +141,7 @@ def _example(info: dict, n: int = 2):
     """`n` images of random pixels, preprocessed as the model's own inputs are."""
     import numpy as np
 
-    from pipelines.serve.bundle import to_input
+    from pipelines.serve.model import to_input
 
     size = int(info["input_size"])
     pixels = np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
@@ -236,7 +236,7 @@ def export_model(ref: str, fmt: str, out: str | os.PathLike, overwrite: bool = F
     import numpy as np
     import torch
 
-    from pipelines.serve.bundle import load_bundle
+    from pipelines.serve.model import load_bundle
     from pipelines.serve.predict import resolve_model
 
     with tempfile.TemporaryDirectory(prefix="alexnet-export-") as dl:

@@ -17,7 +17,6 @@ What `batch-infer`'s actors and `workflow.py predict` share, with no Ray in it:
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -25,16 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_MODEL = "models:/alexnet@champion"
-# The bundle's file names (pipelines.serve.bundle.WEIGHTS / INFERENCE, checked equal by a
-# test), repeated here so that resolving a model and decoding images never import torch:
-# the driver and every decode worker would pay seconds and ~200 MB for it.
-WEIGHTS, INFERENCE = "weights.pt", "inference.json"
+from pipelines.serve.bundle import INFERENCE, geometry, make_crops, read_info
 
-# An image whose rescaled size would exceed this many pixels is refused: a 1 x 100000
-# banner rescaled to a shorter side of 256 would need ~20 GB. 64 squares of the rescale
-# side allow any aspect ratio up to 64:1, far beyond real photos.
-MAX_RESCALED_SQUARES = 64
+DEFAULT_MODEL = "models:/alexnet@champion"
+
 
 
 class InferError(RuntimeError):
@@ -166,11 +159,6 @@ def resolve_model(ref: str, dst: str | None = None) -> ModelRef:
                     model_id=model_id)
 
 
-def read_info(bundle: str | os.PathLike) -> dict:
-    """A bundle's inference.json (variant, sizes, mean/std, class index)."""
-    return json.loads((Path(bundle) / INFERENCE).read_text())
-
-
 def resolve_models(refs: list[str] | str, dst: str | None = None) -> list[ModelRef]:
     """Resolve every member of an ensemble; they must share one class index."""
     refs = [refs] if isinstance(refs, str) else list(refs)
@@ -194,45 +182,6 @@ def resolve_models(refs: list[str] | str, dst: str | None = None) -> list[ModelR
     return resolved
 
 
-# --------------------------------------------------------------------------- preprocessing
-def geometry(info: dict) -> tuple[int, int]:
-    """(rescale side, input size): models that share it share their crops."""
-    return int(info["resize"]), int(info["input_size"])
-
-
-def _centre(img: np.ndarray, size: int) -> np.ndarray:
-    # Offsets rounded as alexnet.augment.center_crop (and torchvision) round them.
-    h, w = img.shape[:2]
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    return img[top:top + size, left:left + size]
-
-
-def _five(img: np.ndarray, size: int) -> list[np.ndarray]:
-    h, w = img.shape[:2]
-    return [img[:size, :size], img[:size, w - size:], img[h - size:, :size],
-            img[h - size:, w - size:], _centre(img, size)]
-
-
-def make_crops(rgb: np.ndarray, geom: tuple[int, int], ten_crop: bool) -> np.ndarray:
-    """uint8 crops of one decoded image: [S, S, 3] (centre) or [10, S, S, 3] (ten-crop).
-
-    The same pixels as `model_package.preprocess_image` (rescale the shorter side, centre
-    crop) and `alexnet.augment.ten_crop` (torchvision's order: corners, centre, then the same
-    of the mirror) - a test holds them equal - in numpy and OpenCV only, so decode workers
-    never import torch."""
-    from pipelines.data.decode import rescale
-
-    resize, size = geom
-    h, w = rgb.shape[:2]
-    if max(h, w) > MAX_RESCALED_SQUARES * min(h, w):
-        raise ValueError(f"aspect ratio {max(h, w)}:{min(h, w)} is beyond "
-                         f"{MAX_RESCALED_SQUARES}:1; rescaling would need too much memory")
-    if ten_crop:  # the paper's ten crops come from the central resize x resize square
-        square = rescale(rgb, resize, center_crop=True)
-        return np.stack(_five(square, size) + _five(square[:, ::-1], size))
-    return np.ascontiguousarray(_centre(rescale(rgb, resize, center_crop=False), size))
-
-
 # --------------------------------------------------------------------------- models
 class Ensemble:
     """One or more models whose softmax outputs are averaged; loads each once."""
@@ -240,7 +189,7 @@ class Ensemble:
     def __init__(self, bundles: list[str], device: str = "cpu", amp: bool = False):
         import torch
 
-        from pipelines.serve.bundle import load_bundle
+        from pipelines.serve.model import load_bundle
 
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -268,7 +217,7 @@ class Ensemble:
         probabilities [N, classes] float32 (mean over the ten crops, then over the models)."""
         import torch
 
-        from pipelines.serve.bundle import to_input
+        from pipelines.serve.model import to_input
 
         total = None
         with torch.inference_mode():

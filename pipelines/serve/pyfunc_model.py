@@ -20,7 +20,7 @@ class AlexNetPyfunc(PythonModel):
     def load_context(self, context) -> None:
         from pathlib import Path
 
-        from pipelines.serve.bundle import load_bundle
+        from pipelines.serve.model import load_bundle
 
         self.model, self.info = load_bundle(Path(context.artifacts["bundle"]))
 
@@ -28,7 +28,7 @@ class AlexNetPyfunc(PythonModel):
     # signature (a named uint8 tensor) stays the contract, and MLflow no longer warns
     # "Add type hints to the `predict` method" at every log and load.
     def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
-        from pipelines.serve.bundle import predict_proba, preprocess_image
+        from pipelines.serve.model import predict_proba, preprocess_image
 
         if isinstance(model_input, dict):  # a named tensor signature passes {"images": ...}
             model_input = model_input["images"]

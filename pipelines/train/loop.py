@@ -11,7 +11,6 @@ stopping, writing and reading the training state) are plain functions, so
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -32,7 +31,7 @@ from alexnet.metrics import ErrorMeter, topk_correct
 from pipelines import config as C
 from pipelines import precision
 from pipelines.data.shards import read_manifest, split_readers
-from pipelines.serve.bundle import save_bundle
+from pipelines.serve.model import save_bundle
 from pipelines.train.ingest import decode_crop_batch, make_loader
 
 STATE, CONFUSION, CONFIG = "state.pt", "val_confusion.npy", "config.yaml"
@@ -56,7 +55,7 @@ class RunMetrics:
 
     def __init__(self, cfg: C.TrainConfig, tracking_uri: str, run_id: str):
         from pipelines.train.journal import JOURNAL, MetricJournal, MetricSender
-        from pipelines.train.launcher import storage_filesystem
+        from pipelines.train.storage import storage_filesystem
 
         fs, root = storage_filesystem(cfg.run.storage)
         self.journal = MetricJournal(fs, f"{root}/{cfg.run.name}/{JOURNAL}")
@@ -587,7 +586,7 @@ def read_init_weights(cfg: C.TrainConfig, path: str) -> dict[str, torch.Tensor]:
     storage Ray Train writes to, so workers on every node read the same file)."""
     import io
 
-    from pipelines.train.launcher import storage_filesystem
+    from pipelines.train.storage import storage_filesystem
 
     fs, _ = storage_filesystem(cfg.run.storage)
     with fs.open_input_stream(path) as fh:
@@ -604,6 +603,3 @@ def read_confusion(directory: str | Path) -> np.ndarray | None:
     path = Path(directory) / CONFUSION
     return np.load(path, allow_pickle=False) if path.is_file() else None
 
-
-def read_checkpoint_info(directory: str | Path) -> dict:
-    return json.loads((Path(directory) / "inference.json").read_text())

@@ -115,8 +115,8 @@ def read_state_file(path: str | os.PathLike) -> Source:
 def read_source(ref: str) -> Source:
     """The weights behind `ref` (see the module docstring); MLflow references are
     downloaded to a temp dir that is gone when this returns."""
-    from pipelines.serve.bundle import INFERENCE, WEIGHTS
-    from pipelines.serve.predict import read_info, resolve_model
+    from pipelines.serve.bundle import INFERENCE, WEIGHTS, read_info
+    from pipelines.serve.predict import resolve_model
 
     if ref.endswith(STATE_DICT_SUFFIXES) and not os.path.isdir(ref):
         if not os.path.isfile(ref):
@@ -222,9 +222,9 @@ def import_weights(path: str, variant: str, classes_file: str, name: str = "",
     import mlflow
     from mlflow import MlflowClient
 
-    from pipelines.serve.bundle import load_bundle, save_bundle
+    from pipelines.serve.model import load_bundle, save_bundle
     from pipelines.train import tracking
-    from pipelines.train.launcher import log_bundle_model
+    from pipelines.train.registry import log_bundle_model
 
     source = read_state_file(path)
     if source.variant != variant:
