@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipelines import config as C
+from pipelines import config
 
 
 def cmd_make_sample(args: argparse.Namespace) -> int:
@@ -41,7 +41,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from pipelines.data.manifest import summary_table
     from pipelines.data.preprocess import format_dry_run, run_preprocess
 
-    cfg = C.load(C.PreprocessConfig, args)
+    cfg = config.load(config.PreprocessConfig, args)
     manifest = run_preprocess(cfg)
     if manifest.get("dry_run"):
         print(format_dry_run(manifest))
@@ -100,15 +100,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and not args.config:
         # --resume starts from the config the run was launched with; flags given now
         # (say --epochs 120) override it.
-        base = C.load(C.TrainConfig, args)
+        base = config.load(config.TrainConfig, args)
         stored = stored_config(base.run.storage, base.run.name)
     if stored is not None:
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
             fh.write(stored)
-        cfg = C.load(C.TrainConfig, args, yaml_path=fh.name)
+        cfg = config.load(config.TrainConfig, args, yaml_path=fh.name)
         os.unlink(fh.name)
     else:
-        cfg = C.load(C.TrainConfig, args)
+        cfg = config.load(config.TrainConfig, args)
         apply_variant_defaults(cfg, _given(args))
     summary = run_train(cfg)
     _print_summary(summary, args.json)
@@ -144,7 +144,7 @@ def cmd_import_weights(args: argparse.Namespace) -> int:
 def cmd_batch_infer(args: argparse.Namespace) -> int:
     from pipelines.serve.infer import run_batch_infer
 
-    cfg = C.load(C.InferConfig, args)
+    cfg = config.load(config.InferConfig, args)
     result = run_batch_infer(cfg)
     line = f"{result['images']} images -> {result['output']} ({result['errors']} errors"
     if "top1_accuracy" in result:
@@ -209,9 +209,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     from alexnet import INPUT_SIZE, build_model, check_variant
     from alexnet.summary import format_table, layer_table
 
-    cfg = C.TrainConfig()  # `train`'s defaults and rule: groups 0 = 2 for paper, else 1
+    cfg = config.TrainConfig()  # `train`'s defaults and rule: groups 0 = 2 for paper, else 1
     cfg.model.variant, cfg.model.groups = args.variant, args.groups
-    groups = C.resolve_auto(cfg).model.groups
+    groups = config.resolve_auto(cfg).model.groups
     check_variant(args.variant, groups)
     model = build_model(args.variant, args.num_classes, groups=groups)
     size = INPUT_SIZE[args.variant]
@@ -223,7 +223,7 @@ def _config_flags(p: argparse.ArgumentParser, cls: type, required: tuple[str, ..
     """The config's flags. An empty default showed as "(default: )", so a required flag
     read as optional: required ones say so (they stay optional to argparse, since --config
     may give them), other empty defaults say nothing."""
-    C.add_arguments(p, cls)
+    config.add_arguments(p, cls)
     for action in p._actions:
         if action.help and " (default: )" in action.help:
             action.help = action.help.replace(
@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_make_sample)
 
     p = sub.add_parser("preprocess", help="decode, rescale and pack a dataset into LMDB shards")
-    _config_flags(p, C.PreprocessConfig, ("source", "out"))
+    _config_flags(p, config.PreprocessConfig, ("source", "out"))
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("verify", help="check every shard and record of a preprocess OUT "
@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("train", help="distributed training on Ray Train, tracked in MLflow")
-    _config_flags(p, C.TrainConfig, ("data",))
+    _config_flags(p, config.TrainConfig, ("data",))
     _json_flag(p)
     p.set_defaults(func=cmd_train)
 
@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("batch-infer", help="run a registered model over many images",
                        conflict_handler="resolve")
-    _config_flags(p, C.InferConfig, ("input",))
+    _config_flags(p, config.InferConfig, ("input",))
     _model_flag(p)  # replaces the config's --model with a repeatable one
     p.set_defaults(func=cmd_batch_infer)
 
@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The same --variant/--groups as `train` (defaults and help from ModelSection).
     import dataclasses
 
-    model_fields = {f.name: f for f in dataclasses.fields(C.ModelSection)}
+    model_fields = {f.name: f for f in dataclasses.fields(config.ModelSection)}
     for flag in ("variant", "groups"):
         f = model_fields[flag]
         p.add_argument(f"--{flag}", type=type(f.default), default=f.default,

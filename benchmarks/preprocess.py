@@ -153,11 +153,11 @@ def loop(items: list[tuple[str, int]], root: str, lmdb_path: str, resize: int = 
     wall-clock total."""
     import lmdb
 
-    from pipelines.data import shards as sh
     from pipelines.data.decode import decode_rgb, encode, pixel_moments, rescale
+    from pipelines.data.shards import MAP_SIZE, pack_record, record_key
 
     spent = dict.fromkeys(STAGES, 0.0)
-    env = lmdb.open(lmdb_path, subdir=False, map_size=sh.MAP_SIZE, lock=False, sync=False)
+    env = lmdb.open(lmdb_path, subdir=False, map_size=MAP_SIZE, lock=False, sync=False)
     txn = env.begin(write=True)
     clock = time.thread_time
     started = time.perf_counter()
@@ -174,7 +174,7 @@ def loop(items: list[tuple[str, int]], root: str, lmdb_path: str, resize: int = 
         t4 = clock()
         pixel_moments(rgb)
         t5 = clock()
-        txn.put(sh.record_key(i), sh.pack_record(label, resize, resize, "jpeg", rel, image))
+        txn.put(record_key(i), pack_record(label, resize, resize, "jpeg", rel, image))
         if i % 256 == 255:
             txn.commit()
             txn = env.begin(write=True)

@@ -172,12 +172,12 @@ def child_ray(args) -> dict:
     import ray
     from mlflow import MlflowClient
 
-    from pipelines import config as C
+    from pipelines import config
     from pipelines.train.launcher import run_train
 
     started = time.perf_counter()
     ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    cfg = C.TrainConfig()
+    cfg = config.TrainConfig()
     cfg.data.data, cfg.data.crop, cfg.data.val_split = args.data, args.crop, "none"
     cfg.data.loader_workers = args.loader_workers
     cfg.model.variant, cfg.model.init, cfg.model.groups = args.variant, "default", args.groups
@@ -223,9 +223,9 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=20)
     args = parser.parse_args()
     if args.groups is None:
-        from pipelines import config as C
+        from pipelines import config
 
-        args.groups = C.ModelSection().groups if args.variant == "paper" else 1
+        args.groups = config.ModelSection().groups if args.variant == "paper" else 1
     if args.child:
         print(json.dumps(CHILDREN[args.child](args)))
         return

@@ -19,13 +19,13 @@ def register_bundle(bundle: Path, name: str, val_error: float) -> SimpleNamespac
     MLFLOW_TRACKING_URI); the first version of `name` becomes its champion."""
     import mlflow
 
-    from pipelines import config as C
+    from pipelines import config
     from pipelines.train.registry import log_and_register
     from pipelines.train.tracking import setup_mlflow
 
     setup_mlflow()
     mlflow.set_experiment("alexnet")
-    cfg = C.TrainConfig()
+    cfg = config.TrainConfig()
     cfg.tracking.registered_model = name
     with mlflow.start_run() as run:
         reg = log_and_register(str(bundle), cfg, val_error)

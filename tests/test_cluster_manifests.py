@@ -23,7 +23,7 @@ import ray
 import yaml
 
 import workflow
-from pipelines import config as C
+from pipelines import config
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
 SCHEMA = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
@@ -34,12 +34,12 @@ def _yaml(name: str) -> dict:
     return yaml.safe_load((CLUSTER / name).read_text())
 
 
-def _train_config(command: str) -> C.TrainConfig:
+def _train_config(command: str) -> config.TrainConfig:
     """Parse a `python workflow.py train ...` command as workflow.py would."""
     argv = shlex.split(command)
     assert argv[:3] == ["python", "workflow.py", "train"], argv[:3]
     args = workflow.build_parser().parse_args(argv[2:])
-    return C.load(C.TrainConfig, args)
+    return config.load(config.TrainConfig, args)
 
 
 # --------------------------------------------------------------------------- launcher

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines import config as C
+from pipelines import config
 from workflow import build_parser
 
 
@@ -13,7 +13,7 @@ def _parse(*argv):
 
 
 def test_defaults_are_the_papers_recipe():
-    cfg = C.load(C.TrainConfig)
+    cfg = config.load(config.TrainConfig)
     assert (cfg.optim.batch_size, cfg.optim.lr, cfg.optim.momentum) == (128, 0.01, 0.9)
     assert cfg.optim.weight_decay == 5e-4 and cfg.run.epochs == 90
     assert cfg.model.dropout == 0.5 and cfg.optim.max_lr_drops == 3
@@ -22,7 +22,7 @@ def test_defaults_are_the_papers_recipe():
 def test_yaml_then_flags(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optim:\n  lr: 0.02\n  batch_size: 64\nepochs: 5\n")  # nested and flat keys
-    cfg = C.load(C.TrainConfig, _parse("--config", str(path), "--batch-size", "32", "--no-amp"))
+    cfg = config.load(config.TrainConfig, _parse("--config", str(path), "--batch-size", "32", "--no-amp"))
     assert cfg.optim.lr == 0.02          # from YAML
     assert cfg.optim.batch_size == 32    # the flag wins over YAML
     assert cfg.run.epochs == 5           # flat YAML key
@@ -31,11 +31,11 @@ def test_yaml_then_flags(tmp_path):
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path):
-    cfg = C.load(C.TrainConfig, _parse("--lr", "0.5", "--variant", "torchvision"))
+    cfg = config.load(config.TrainConfig, _parse("--lr", "0.5", "--variant", "torchvision"))
     path = tmp_path / "resolved.yaml"
-    path.write_text(C.to_yaml(cfg))
-    assert C.load(C.TrainConfig, yaml_path=str(path)) == cfg
-    flat = C.flatten(cfg)
+    path.write_text(config.to_yaml(cfg))
+    assert config.load(config.TrainConfig, yaml_path=str(path)) == cfg
+    flat = config.flatten(cfg)
     assert flat["optim.lr"] == 0.5 and flat["model.variant"] == "torchvision"
 
 
@@ -50,7 +50,7 @@ def test_bad_yaml_is_a_clear_error(tmp_path, text, match):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(ValueError, match=match):
-        C.load(C.TrainConfig, yaml_path=str(path))
+        config.load(config.TrainConfig, yaml_path=str(path))
 
 
 def test_every_job_has_help_for_every_flag(capsys):

@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
-from pipelines import config as C
+from pipelines import config
 from pipelines.data.preprocess import run_preprocess
 from pipelines.serve.infer import InferError, run_batch_infer
 from pipelines.train.launcher import run_train
@@ -15,8 +15,8 @@ from pipelines.train.launcher import run_train
 pytestmark = pytest.mark.slow
 
 
-def _train_cfg(data: str, storage: str, **run) -> C.TrainConfig:
-    cfg = C.TrainConfig()
+def _train_cfg(data: str, storage: str, **run) -> config.TrainConfig:
+    cfg = config.TrainConfig()
     cfg.data.data, cfg.data.crop, cfg.data.loader_workers = data, 32, 0
     cfg.model.variant, cfg.model.init = "cifar", "default"
     cfg.optim.batch_size, cfg.optim.lr = 8, 0.02
@@ -28,7 +28,7 @@ def _train_cfg(data: str, storage: str, **run) -> C.TrainConfig:
 
 def test_preprocess_train_register_infer(ray_local, tiny_source, tmp_path, mlflow_uri):
     data = tmp_path / "shards"
-    run_preprocess(C.PreprocessConfig(source=str(tiny_source), out=str(data), resize=40))
+    run_preprocess(config.PreprocessConfig(source=str(tiny_source), out=str(data), resize=40))
 
     cfg = _train_cfg(str(data), str(tmp_path / "ckpt"))
     cfg.data.cache_dir = str(tmp_path / "node-cache")  # as on a cluster without shared storage
@@ -53,7 +53,7 @@ def test_preprocess_train_register_infer(ray_local, tiny_source, tmp_path, mlflo
     assert float(version.tags["val_top1_error"]) == pytest.approx(summary["val_top1_error"])
 
     out = tmp_path / "preds.parquet"
-    result = run_batch_infer(C.InferConfig(input=str(tiny_source / "val"), output=str(out),
+    result = run_batch_infer(config.InferConfig(input=str(tiny_source / "val"), output=str(out),
                                            batch_size=8))
     table = pq.read_table(out)
     assert table.num_rows == result["images"] == 12
@@ -66,12 +66,12 @@ def test_preprocess_train_register_infer(ray_local, tiny_source, tmp_path, mlflo
     assert result["labelled"] == 0
 
     # The shards carry labels: accuracy is computed and matches the rows.
-    res2 = run_batch_infer(C.InferConfig(input=str(data), split="val",
+    res2 = run_batch_infer(config.InferConfig(input=str(data), split="val",
                                          output=str(tmp_path / "p2.parquet"), batch_size=8))
     t2 = pq.read_table(tmp_path / "p2.parquet")
     assert res2["labelled"] == t2.num_rows == 12
     assert res2["top1_accuracy"] == pytest.approx(sum(t2["correct_top1"].to_pylist()) / 12)
 
     with pytest.raises(InferError, match=r"versions of 'alexnet': \[1\]"):
-        run_batch_infer(C.InferConfig(model="models:/alexnet/7", input=str(data),
+        run_batch_infer(config.InferConfig(model="models:/alexnet/7", input=str(data),
                                       output=str(tmp_path / "x.parquet")))

@@ -11,7 +11,7 @@ import torch
 from mlflow import MlflowClient
 
 import workflow
-from pipelines import config as C
+from pipelines import config
 from pipelines.data.preprocess import run_preprocess
 from pipelines.data.sample import make_sample
 from pipelines.train.launcher import run_train
@@ -20,13 +20,13 @@ from pipelines.train.launcher import run_train
 def _shards(root: Path, classes: int, seed: int) -> Path:
     make_sample(root / f"src{classes}", classes=classes, train_per_class=24, val_per_class=6,
                 seed=seed, min_side=40, max_side=64)
-    run_preprocess(C.PreprocessConfig(source=str(root / f"src{classes}"),
+    run_preprocess(config.PreprocessConfig(source=str(root / f"src{classes}"),
                                       out=str(root / f"shards{classes}"), resize=32))
     return root / f"shards{classes}"
 
 
-def _cfg(data: Path, storage: Path, name: str, epochs: int, **model) -> C.TrainConfig:
-    cfg = C.TrainConfig()
+def _cfg(data: Path, storage: Path, name: str, epochs: int, **model) -> config.TrainConfig:
+    cfg = config.TrainConfig()
     cfg.data.data, cfg.data.crop, cfg.data.loader_workers = str(data), 32, 0
     cfg.model.variant = "cifar"
     for k, v in model.items():

@@ -26,7 +26,7 @@ import pytest
 import torch
 from conftest import REPO, register_bundle
 
-from pipelines import config as C
+from pipelines import config
 from pipelines.serve.infer import InferError, run_batch_infer
 from pipelines.serve.inputs import list_inputs
 from pipelines.serve.model import predict_proba, preprocess_image, save_bundle
@@ -123,7 +123,7 @@ def trained(world):
 
 
 def _infer(tmp_path, inp, out="p.parquet", **kw) -> tuple[dict, pa.Table | None]:
-    cfg = C.InferConfig(input=str(inp), output=str(tmp_path / out), batch_size=8, **kw)
+    cfg = config.InferConfig(input=str(inp), output=str(tmp_path / out), batch_size=8, **kw)
     result = run_batch_infer(cfg)
     table = pq.read_table(tmp_path / out) if str(out).endswith(".parquet") else None
     return result, table
@@ -280,7 +280,7 @@ def test_shards_input_labels_and_paths_from_records(ray_local, world, tmp_path):
     from pipelines.data.preprocess import run_preprocess
 
     out = tmp_path / "shards"
-    run_preprocess(C.PreprocessConfig(source=str(world.src), out=str(out), resize=40))
+    run_preprocess(config.PreprocessConfig(source=str(world.src), out=str(out), resize=40))
     res, table = _infer(tmp_path, out, split="val", model=str(world.a.bundle))
     assert res["input_kind"] == "shards" and res["images"] == res["labelled"] == 20
     row = table.to_pylist()[0]
@@ -340,7 +340,7 @@ def test_images_list_input_forms_are_listed_without_ray(tmp_path):
 
 def test_bad_inputs_are_clear_errors(world, tmp_path):
     def run(model=(str(world.a.bundle),), **kw):
-        return run_batch_infer(C.InferConfig(model=list(model),
+        return run_batch_infer(config.InferConfig(model=list(model),
                                              output=str(tmp_path / "o.parquet"), **kw))
 
     with pytest.raises(InferError, match="does not exist"):
@@ -392,10 +392,10 @@ def test_gpu_without_a_gpu_is_a_clear_error(ray_local, world, tmp_path):
     if ray_local.cluster_resources().get("GPU", 0):
         pytest.skip("this cluster has a GPU")
     with pytest.raises(InferError, match="--gpu: the Ray cluster has no GPU"):
-        run_batch_infer(C.InferConfig(model=str(world.a.bundle), input=str(world.src / "val"),
+        run_batch_infer(config.InferConfig(model=str(world.a.bundle), input=str(world.src / "val"),
                                       output=str(tmp_path / "o.parquet"), gpu=True))
     with pytest.raises(InferError, match="leave no CPU for decoding"):
-        run_batch_infer(C.InferConfig(model=str(world.a.bundle), input=str(world.src / "val"),
+        run_batch_infer(config.InferConfig(model=str(world.a.bundle), input=str(world.src / "val"),
                                       output=str(tmp_path / "o.parquet"), actors=4))
 
 
@@ -627,10 +627,10 @@ def test_batch_infer_flags_repeat_model_for_an_ensemble():
     args = workflow.build_parser().parse_args(
         ["batch-infer", "--model", "models:/a/1", "--model", "runs:/x/model", "--input", "d",
          "--ten-crop", "--actors", "2", "--max-actors", "3", "--format", "csv"])
-    cfg = C.load(C.InferConfig, args)
+    cfg = config.load(config.InferConfig, args)
     assert cfg.model == ["models:/a/1", "runs:/x/model"]
     assert (cfg.ten_crop, cfg.actors, cfg.max_actors, cfg.format) == (True, 2, 3, "csv")
-    default = C.load(C.InferConfig, workflow.build_parser().parse_args(["batch-infer"]))
+    default = config.load(config.InferConfig, workflow.build_parser().parse_args(["batch-infer"]))
     assert default.model == ["models:/alexnet@champion"]
 
 
@@ -640,25 +640,25 @@ def test_automatic_actor_layout():
     from pipelines.serve.infer import MAX_AUTO_ACTORS, actor_layout, local_ray_cpus
 
     cores = os.cpu_count() or 1
-    auto = C.InferConfig()
+    auto = config.InferConfig()
     local = actor_layout(auto, local=True, gpus=0)
     assert local.actors == min(MAX_AUTO_ACTORS, cores)
     assert local.cpus_per_actor == max(1, cores // local.actors)
     assert local.actors * local.cpus_per_actor <= cores < local_ray_cpus()  # + decode CPU
     cluster = actor_layout(auto, local=False, gpus=8)
     assert (cluster.actors, cluster.cpus_per_actor) == (1, 1)
-    gpu = actor_layout(C.InferConfig(gpu=True), local=True, gpus=2)
+    gpu = actor_layout(config.InferConfig(gpu=True), local=True, gpus=2)
     assert (gpu.actors, gpu.cpus_per_actor) == (2, 1)
-    given = actor_layout(C.InferConfig(actors=3, cpus_per_actor=2), local=True, gpus=0)
+    given = actor_layout(config.InferConfig(actors=3, cpus_per_actor=2), local=True, gpus=0)
     assert (given.actors, given.cpus_per_actor) == (3, 2)
-    assert actor_layout(C.InferConfig(max_actors=1), local=True, gpus=0).actors == 1
+    assert actor_layout(config.InferConfig(max_actors=1), local=True, gpus=0).actors == 1
     assert (auto.actors, auto.cpus_per_actor) == (0, 0)  # replaced, not changed in place
     # Fewer images than one batch: one actor, with every core (a second would sit idle).
     small = actor_layout(auto, local=True, gpus=0, images=auto.batch_size - 1)
     assert (small.actors, small.cpus_per_actor) == (1, cores)
     assert actor_layout(auto, local=True, gpus=0, images=10 * auto.batch_size).actors == \
         local.actors
-    assert actor_layout(C.InferConfig(actors=2), local=True, gpus=0, images=1).actors == 2
+    assert actor_layout(config.InferConfig(actors=2), local=True, gpus=0, images=1).actors == 2
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ import pytest
 from conftest import REPO
 from mlflow import MlflowClient
 
-from pipelines import config as C
+from pipelines import config
 
 pytestmark = pytest.mark.slow
 MLFLOW = Path(sys.executable).parent / "mlflow"
@@ -85,7 +85,7 @@ def small_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("outage")
     make_sample(root / "src", classes=3, train_per_class=16, val_per_class=4, seed=5,
                 min_side=40, max_side=64)
-    run_preprocess(C.PreprocessConfig(source=str(root / "src"), out=str(root / "shards"),
+    run_preprocess(config.PreprocessConfig(source=str(root / "src"), out=str(root / "shards"),
                                       resize=36))
     return root / "shards"
 

@@ -14,16 +14,25 @@ import numpy as np
 import pytest
 
 from pipelines.config import PreprocessConfig
-from pipelines.data import shards as sh
 from pipelines.data.decode import decode_rgb, rescale
 from pipelines.data.manifest import moments_to_stats, summary_table
 from pipelines.data.output import PreprocessError
 from pipelines.data.preprocess import run_preprocess
+from pipelines.data.shards import (
+    _ENVS,
+    FORMAT_VERSION,
+    QUARANTINE,
+    Record,
+    ShardReader,
+    decode_image,
+    file_sha256,
+    split_readers,
+)
 from pipelines.data.verify import verify_output
 
 
-def _all_records(out: Path, manifest: dict, split: str) -> list[sh.Record]:
-    return [r[i] for r in sh.split_readers(out, manifest, split) for i in range(len(r))]
+def _all_records(out: Path, manifest: dict, split: str) -> list[Record]:
+    return [r[i] for r in split_readers(out, manifest, split) for i in range(len(r))]
 
 
 def _direct_stats(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -40,11 +49,11 @@ def test_stats_match_numpy_over_the_same_rescaled_pixels(ray_local, tiny_source,
                                                encoding="raw", resize=64, batch_size=8))
     records = _all_records(out, manifest, "train")
     assert len(records) == 40
-    pixels = np.stack([sh.decode_image(r) for r in records])
+    pixels = np.stack([decode_image(r) for r in records])
     # Raw records are exactly the rescaled pixels; check them against a direct rescale too.
     src = records[0].path
     direct = rescale(decode_rgb((tiny_source / src).read_bytes()), 64)
-    np.testing.assert_array_equal(sh.decode_image(records[0]), direct)
+    np.testing.assert_array_equal(decode_image(records[0]), direct)
 
     mean, eigval, eigvec = _direct_stats(pixels)
     st = manifest["stats"]
@@ -78,7 +87,7 @@ def test_layout_shards_and_manifest_contract(ray_local, tiny_source, tmp_path):
     out = tmp_path / "out"
     manifest = run_preprocess(PreprocessConfig(source=str(tiny_source), out=str(out),
                                                shards=3, resize=64, batch_size=8))
-    assert manifest["format"] == sh.FORMAT_VERSION
+    assert manifest["format"] == FORMAT_VERSION
     assert [c["index"] for c in manifest["classes"]] == [0, 1, 2, 3]
     train = manifest["splits"]["train"]
     assert train["records"] == 40 and train["quarantined"] == 0
@@ -86,7 +95,7 @@ def test_layout_shards_and_manifest_contract(ray_local, tiny_source, tmp_path):
     sizes = [s["records"] for s in train["shards"]]
     assert max(sizes) - min(sizes) <= 1  # shards of a split are even
     for s in train["shards"]:
-        assert sh.file_sha256(out / s["path"]) == s["sha256"]
+        assert file_sha256(out / s["path"]) == s["sha256"]
     # Every source image lands exactly once, labels from its wnid folder.
     records = _all_records(out, manifest, "train")
     assert sorted(r.path for r in records) == sorted(
@@ -133,7 +142,7 @@ def test_bad_files_are_quarantined_with_reasons(ray_local, tiny_source, tmp_path
     out = tmp_path / "out"
     manifest = run_preprocess(PreprocessConfig(source=str(src), out=str(out), resize=64,
                                                batch_size=8))
-    lines = [json.loads(x) for x in (out / sh.QUARANTINE).read_text().splitlines()]
+    lines = [json.loads(x) for x in (out / QUARANTINE).read_text().splitlines()]
     reasons = {Path(q["path"]).name: q["reason"] for q in lines}
     assert set(reasons) == {"empty.JPEG", "html.JPEG", "truncated.JPEG", "x.JPEG"}
     assert "empty" in reasons["empty.JPEG"]
@@ -197,7 +206,7 @@ def test_imagenet_sample_every_image_lands(ray_local, imagenet_sample, tmp_path)
              if cv2.imread(str(imagenet_sample / r.path), cv2.IMREAD_UNCHANGED).ndim == 2]
     assert len(grays) == 3
     for r in grays:
-        rgb = sh.decode_image(r)
+        rgb = decode_image(r)
         assert rgb.shape == (256, 256, 3)
         assert np.abs(rgb[..., 0].astype(int) - rgb[..., 2]).max() <= 3  # JPEG chroma noise
 
@@ -304,11 +313,11 @@ def test_verify_finds_corrupt_records_missing_shards_and_exits_1(ray_local, tiny
     assert "OK, the data is whole" in capsys.readouterr().out
 
     shard = out / manifest["splits"]["train"]["shards"][1]["path"]
-    value = sh.ShardReader(shard).raw(3)
+    value = ShardReader(shard).raw(3)
     blob = bytearray(shard.read_bytes())
     at = blob.find(value) + len(value) - 10  # inside record 3's image bytes
     blob[at] ^= 0xFF
-    sh._ENVS.clear()
+    _ENVS.clear()
     shard.write_bytes(bytes(blob))
     (out / manifest["splits"]["val"]["shards"][0]["path"]).unlink()
     report = verify_output(out)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from alexnet import build_model
-from pipelines import config as C
+from pipelines import config
 from pipelines.train.loop import freeze, make_optimizer, param_groups
 from pipelines.train.pretrained import (
     HEAD,
@@ -110,7 +110,7 @@ def test_freeze_and_body_lr_multiplier_shape_the_optimiser():
     net = build_model("cifar", 3)
     frozen = freeze(net, "features")
     assert frozen and all(not p.requires_grad for p in net.features.parameters())
-    cfg = C.TrainConfig()
+    cfg = config.TrainConfig()
     cfg.model.body_lr_mult, cfg.optim.optimizer = 0.1, "adamw"
     opt = make_optimizer(cfg, net, 0.01)
     assert isinstance(opt, torch.optim.AdamW)

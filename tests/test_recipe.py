@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from test_ingest import write_dataset
 
 from alexnet import PAPER_INIT_BIAS, build_model, init_paper_, min_input_size
-from pipelines import config as C
+from pipelines import config
 from pipelines.data.shards import split_readers
 from pipelines.train.errors import TrainError
 from pipelines.train.ingest import make_loader
@@ -38,20 +38,20 @@ NO_AMP = torch.autocast("cpu", enabled=False)
 
 
 def test_auto_values_resolve_to_the_paper_recipe_for_the_paper_variant():
-    cfg = C.resolve_auto(C.TrainConfig())
+    cfg = config.resolve_auto(config.TrainConfig())
     assert (cfg.model.variant, cfg.model.groups, cfg.model.init) == ("paper", 2, "paper")
     assert cfg.data.normalize == "mean"
     assert cfg.optim.warmup_epochs == 5  # 128 x 2 workers = 256 > 128
-    tv = C.TrainConfig()
+    tv = config.TrainConfig()
     tv.model.variant, tv.optim.batch_size, tv.run.workers = "torchvision", 64, 2
-    C.resolve_auto(tv)
+    config.resolve_auto(tv)
     assert (tv.model.groups, tv.model.init, tv.data.normalize) == (1, "default", "mean-std")
     assert tv.optim.warmup_epochs == 0  # global batch 128: no warmup
-    explicit = C.TrainConfig()
+    explicit = config.TrainConfig()
     explicit.model.groups, explicit.optim.warmup_epochs = 1, 2
-    assert C.resolve_auto(explicit).model.groups == 1
+    assert config.resolve_auto(explicit).model.groups == 1
     assert explicit.optim.warmup_epochs == 2
-    assert C.resolve_auto(explicit) == explicit  # idempotent
+    assert config.resolve_auto(explicit) == explicit  # idempotent
 
 
 def test_paper_head_drops_the_outputs_of_fc6_and_fc7():
@@ -115,7 +115,7 @@ def test_warmup_climbs_linearly_per_step_and_hands_back_the_scheduled_rate():
 def test_mean_only_normalisation_reaches_the_served_bundle(tmp_path):
     root = write_dataset(tmp_path / "out", classes=3, train=6, val=3)
     m = json.loads((root / "manifest.json").read_text())
-    cfg = C.TrainConfig()  # paper variant: mean only
+    cfg = config.TrainConfig()  # paper variant: mean only
     stats = input_stats(cfg, m)
     assert stats["std"] == [1.0, 1.0, 1.0] and stats["mean"] == m["stats"]["mean"]
     info = inference_info(cfg, m, 3)
@@ -131,7 +131,7 @@ def test_ten_crop_loss_stays_finite_for_a_confident_wrong_model(tmp_path):
     with torch.no_grad():  # always class 0 with logit 1000: softmax of the rest is 0.0
         net.classifier[-1].weight.zero_()
         net.classifier[-1].bias.copy_(torch.tensor([1000.0, 0.0, 0.0]))
-    stats = {k: torch.tensor(v) for k, v in input_stats(C.TrainConfig(), m).items()}
+    stats = {k: torch.tensor(v) for k, v in input_stats(config.TrainConfig(), m).items()}
     loader = make_loader(split_readers(root, m, "val"), 32, "ten", 4, 0, 1, 0, 0, False)
     got, _ = evaluate(net, loader, "cpu", stats, ten_crop=True, world=1, num_classes=3)
     assert math.isfinite(got["val_loss"]) and got["val_loss"] > 100
@@ -162,7 +162,7 @@ def test_paper_recipe_overfits_a_few_dozen_images(tmp_path):
     the training loss of 24 images well below chance in a few dozen steps."""
     root = write_dataset(tmp_path / "out", classes=3, train=24, val=0, side=72, seed=3)
     m = json.loads((root / "manifest.json").read_text())
-    cfg = C.resolve_auto(C.TrainConfig())
+    cfg = config.resolve_auto(config.TrainConfig())
     torch.manual_seed(0)
     net = build_model("paper", 3, groups=cfg.model.groups, init=cfg.model.init,
                       init_bias=cfg.model.init_bias, dropout=0.0)
@@ -180,8 +180,8 @@ def test_paper_recipe_overfits_a_few_dozen_images(tmp_path):
 
 
 # --------------------------------------------------------------------------- before workers
-def _cfg(root, **kw) -> C.TrainConfig:
-    cfg = C.TrainConfig()
+def _cfg(root, **kw) -> config.TrainConfig:
+    cfg = config.TrainConfig()
     cfg.data.data = str(root)
     for k, v in kw.items():
         section = next(s for s in ("data", "model", "optim", "run") if hasattr(getattr(cfg, s), k))
@@ -230,11 +230,11 @@ def test_train_defaults_learn_the_demo_sample(ray_local, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
     make_sample(tmp_path / "sample", classes=10, train_per_class=40, val_per_class=10)
-    run_preprocess(C.PreprocessConfig(source=str(tmp_path / "sample"),
+    run_preprocess(config.PreprocessConfig(source=str(tmp_path / "sample"),
                                       out=str(tmp_path / "shards"), resize=128))
-    cfg = C.TrainConfig()
+    cfg = config.TrainConfig()
     cfg.data.data = str(tmp_path / "shards")
-    sizes = C.load(C.TrainConfig, yaml_path=str(DEMO))
+    sizes = config.load(config.TrainConfig, yaml_path=str(DEMO))
     cfg.data.crop, cfg.data.loader_workers = sizes.data.crop, sizes.data.loader_workers
     cfg.optim.batch_size = sizes.optim.batch_size
     cfg.run.epochs, cfg.run.workers = sizes.run.epochs, sizes.run.workers

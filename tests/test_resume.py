@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import PreprocessConfig
-from pipelines.data import shards as sh
 from pipelines.data.preprocess import run_preprocess
+from pipelines.data.shards import MANIFEST, QUARANTINE, read_manifest, split_readers
 from pipelines.data.verify import verify_output
 
 pytestmark = pytest.mark.slow
@@ -108,10 +108,10 @@ def _wait_for(pred, timeout: float = 240) -> None:
 def _check_exactly_once(src: Path, out: Path) -> dict:
     report = verify_output(out, decode=True)
     assert report["ok"], report["problems"]
-    manifest = sh.read_manifest(out)
+    manifest = read_manifest(out)
     stored = [r[i].path for split in manifest["splits"]
-              for r in sh.split_readers(out, manifest, split) for i in range(len(r))]
-    quarantined = [json.loads(x)["path"] for x in (out / sh.QUARANTINE).read_text().splitlines()]
+              for r in split_readers(out, manifest, split) for i in range(len(r))]
+    quarantined = [json.loads(x)["path"] for x in (out / QUARANTINE).read_text().splitlines()]
     files = sorted(str(p.relative_to(src)) for p in src.rglob("*.JPEG"))
     assert len(stored) == len(set(stored))  # no duplicates
     assert sorted(stored + quarantined) == files  # no gaps
@@ -129,7 +129,7 @@ def test_sigkill_mid_run_then_rerun_finishes_only_the_missing_work(ray_local, so
     finally:
         first.kill_all()
     assert first.proc.returncode == -signal.SIGKILL
-    assert not (out / sh.MANIFEST).exists(), "the run finished before the kill; make it longer"
+    assert not (out / MANIFEST).exists(), "the run finished before the kill; make it longer"
     committed = len(list((out / "train").glob("shard-*.lmdb.json")))
     assert 1 <= committed < 8
 

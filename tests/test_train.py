@@ -30,7 +30,7 @@ from test_ingest import corrupt_record, write_dataset
 
 from alexnet import build_model
 from alexnet.augment import normalize, ten_crop
-from pipelines import config as C
+from pipelines import config
 from pipelines.data.shards import split_readers
 from pipelines.train import tracking
 from pipelines.train.errors import TrainError
@@ -53,14 +53,14 @@ from pipelines.train.storage import resolve_run, storage_filesystem
 NO_AMP = torch.autocast("cpu", enabled=False)
 
 
-def _cfg(**optim) -> C.TrainConfig:
-    cfg = C.TrainConfig()
+def _cfg(**optim) -> config.TrainConfig:
+    cfg = config.TrainConfig()
     for k, v in optim.items():
         setattr(cfg.optim, k, v)
     return cfg
 
 
-def _lrs(cfg: C.TrainConfig, scores: list[float]) -> list[float]:
+def _lrs(cfg: config.TrainConfig, scores: list[float]) -> list[float]:
     net = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     sched = make_scheduler(cfg, opt, 0.1)
@@ -221,8 +221,8 @@ def test_training_skips_corrupt_records_even_a_whole_batch_of_them(data):
 
 
 # --------------------------------------------------------------------------- before workers
-def _data_cfg(root, **kw) -> C.TrainConfig:
-    cfg = C.TrainConfig()
+def _data_cfg(root, **kw) -> config.TrainConfig:
+    cfg = config.TrainConfig()
     cfg.data.data, cfg.data.crop = str(root), 32
     cfg.model.variant = "cifar"
     for k, v in kw.items():
@@ -292,12 +292,12 @@ def test_storage_accepts_paths_and_pyarrow_uris(tmp_path):
 def test_a_used_run_name_gets_a_new_name_unless_resuming(tmp_path):
     fs, root = storage_filesystem(f"file://{tmp_path}")
     (tmp_path / "alexnet").mkdir()
-    cfg = C.TrainConfig()
+    cfg = config.TrainConfig()
     assert resolve_run(cfg, fs, root) == "alexnet"        # a directory without a run id
     (tmp_path / "alexnet" / "mlflow_run_id").write_text("abc")
     name = resolve_run(cfg, fs, root)
     assert re.fullmatch(r"alexnet-\d{8}-\d{6}", name)     # Ray Train would resume it
-    cfg = C.TrainConfig()
+    cfg = config.TrainConfig()
     cfg.run.resume = True
     assert resolve_run(cfg, fs, root) == "alexnet"
     cfg.run.name = "other"
@@ -356,7 +356,7 @@ def shards(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     make_sample(root / "src", classes=4, train_per_class=24, val_per_class=6, seed=2,
                 min_side=64, max_side=120)
-    run_preprocess(C.PreprocessConfig(source=str(root / "src"), out=str(root / "shards"),
+    run_preprocess(config.PreprocessConfig(source=str(root / "src"), out=str(root / "shards"),
                                       resize=40))
     m = json.loads((root / "shards" / "manifest.json").read_text())
     corrupt_record(root / "shards" / m["splits"]["train"]["shards"][0]["path"], 5)
@@ -373,7 +373,7 @@ def mlflow_home(tmp_path_factory):
         yield f"sqlite:///{home / 'mlflow.db'}"
 
 
-def _ray_cfg(data, storage, **kw) -> C.TrainConfig:
+def _ray_cfg(data, storage, **kw) -> config.TrainConfig:
     cfg = _data_cfg(data, storage=str(storage), **kw)
     cfg.data.loader_workers = 0
     cfg.model.init, cfg.model.dropout = "default", 0.0
@@ -444,7 +444,7 @@ def test_the_run_is_fully_tracked(good_run, mlflow_home, shards):
     local = Path(client.download_artifacts(run.info.run_id, "augmented_train_samples.png"))
     assert cv2.imread(str(local)).shape == (2 * 98, 8 * 98, 3)
     cfg_yaml = client.download_artifacts(run.info.run_id, "config.yaml")
-    assert C.load(C.TrainConfig, yaml_path=cfg_yaml).optim.lr == 0.4
+    assert config.load(config.TrainConfig, yaml_path=cfg_yaml).optim.lr == 0.4
     # The model: signature, input example, everything inference needs in its bundle.
     import mlflow
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.data import shards as sh
 from pipelines.data.output import PreprocessError
+from pipelines.data.shards import FORMAT_VERSION, MANIFEST, QUARANTINE
 from pipelines.data.sources import Listing
 from pipelines.data.staging import shard_name, sidecar_path
 from pipelines.files import atomic_write
@@ -33,10 +33,10 @@ def moments_to_stats(total_sum: np.ndarray, total_outer: np.ndarray, pixels: int
 
 
 def build_manifest(out: Path, listing: Listing, plan: dict, params: dict, started: float,
-                   todo: dict[str, int] | None = None, timing: dict | None = None) -> dict:
+                   processed: dict[str, int] | None = None, timing: dict | None = None) -> dict:
     """Reduce the shards' sidecars into manifest.json (written last, atomically) and
     quarantine.jsonl. `timing`: seconds of listing, planning, Ray start and the pipeline."""
-    todo, timing = todo or {}, dict(timing or {})
+    processed, timing = processed or {}, dict(timing or {})
     # A split's wall time runs from the pipeline's start (after Ray's own start, which is
     # paid once per job and reported apart) to its last shard's commit.
     began = timing.pop("pipeline_started_at", started)
@@ -61,17 +61,17 @@ def build_manifest(out: Path, listing: Listing, plan: dict, params: dict, starte
                 train_sum += np.array(side["sum"], np.int64)
                 train_outer += np.array(side["outer"], np.int64)
                 train_pixels += int(side["pixels"])
-        seconds = max(last - began, 1e-9) if todo.get(split) else 0.0
+        seconds = max(last - began, 1e-9) if processed.get(split) else 0.0
         splits[split] = {
             "records": records, "shards": shard_rows,
             "quarantined": sum(q["split"] == split for q in quarantine),
             "listed": p["images"] + sum(q["split"] == split for q in listing.quarantine),
             "ignored_files": listing.ignored.get(split, 0),
             "bytes": sum(s["bytes"] for s in shard_rows),
-            "processed": todo.get(split, 0), "seconds": round(seconds, 2),
-            "images_per_s": round(todo.get(split, 0) / seconds, 1) if seconds else 0.0}
+            "processed": processed.get(split, 0), "seconds": round(seconds, 2),
+            "images_per_s": round(processed.get(split, 0) / seconds, 1) if seconds else 0.0}
     manifest = {
-        "format": sh.FORMAT_VERSION,
+        "format": FORMAT_VERSION,
         "layout": listing.layout,
         "detected": listing.detected,
         # how a multi-label source (VOC) became one label a record; other layouts have none
@@ -85,8 +85,8 @@ def build_manifest(out: Path, listing: Listing, plan: dict, params: dict, starte
     }
     lines = "".join(json.dumps(q) + "\n"
                     for q in sorted(quarantine, key=lambda q: (q["split"], q["path"])))
-    atomic_write(out / sh.QUARANTINE, lines)
-    atomic_write(out / sh.MANIFEST, json.dumps(manifest, indent=1))
+    atomic_write(out / QUARANTINE, lines)
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 

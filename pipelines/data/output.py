@@ -95,16 +95,16 @@ def lock_out(out: Path):
 def output_problem(exc: BaseException, out: Path) -> str | None:
     """A message for failures of the whole output (disk full, read-only) hidden anywhere in a
     Ray task error's chain; None for anything else (a bug, which should show its traceback)."""
-    seen, todo, text = set(), [exc], []
-    while todo:
-        e = todo.pop()
+    seen, chain, text = set(), [exc], []
+    while chain:
+        e = chain.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
         text.append(str(e))
         if isinstance(e, OSError) and e.errno is not None:
             text.append(os.strerror(e.errno))
-        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        chain += [e.__cause__, e.__context__, getattr(e, "cause", None)]
     blob = "\n".join(text)
     try:
         free = shutil.disk_usage(out).free

@@ -121,10 +121,10 @@ def load_plan(out: Path, plan: dict, overwrite: bool) -> dict:
 def pending_rows(out: Path, listing: Listing, plan: dict, seed: int) -> tuple[pa.Table | None,
                                                                               dict[str, int]]:
     """Rows still to process: not in a finished shard, not staged by an earlier (killed) run."""
-    tables, todo = [], {}
+    tables, to_process = [], {}
     for split, items in listing.splits.items():
         n_shards = plan["splits"][split]["shards"]
-        todo[split] = 0
+        to_process[split] = 0
         if not items:
             continue
         (out / split).mkdir(exist_ok=True)
@@ -144,10 +144,10 @@ def pending_rows(out: Path, listing: Listing, plan: dict, seed: int) -> tuple[pa
             if staged.size:
                 keep[(shard_col == shard) & np.isin(pos_col, staged)] = False
         table = table.filter(pa.array(keep))
-        todo[split] = table.num_rows
+        to_process[split] = table.num_rows
         tables.append(table)
     pending = pa.concat_tables(tables) if tables else None
-    return pending, todo
+    return pending, to_process
 
 
 def warn_if_disk_short(out: Path, rows: int, plan: dict) -> None:
@@ -191,7 +191,7 @@ def unstaged_positions(pending: pa.Table, plan: dict) -> dict[tuple[str, int], n
         shard, pos = shard[order], pos[order]
         keys, starts = np.unique(shard, return_index=True)
         for k, a, b in zip(keys, starts, [*starts[1:], len(shard)], strict=True):
-            todo = np.zeros(sizes[int(k)], bool)
-            todo[pos[a:b]] = True
-            missing[(str(split), int(k))] = todo
+            unstaged = np.zeros(sizes[int(k)], bool)
+            unstaged[pos[a:b]] = True
+            missing[(str(split), int(k))] = unstaged
     return missing

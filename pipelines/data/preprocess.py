@@ -31,7 +31,6 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.config import PreprocessConfig
-from pipelines.data import shards as sh
 from pipelines.data.decode import DecodeError, crop_box, decode_rgb, encode, pixel_moments, rescale
 from pipelines.data.manifest import build_manifest
 from pipelines.data.output import (
@@ -53,6 +52,7 @@ from pipelines.data.plan import (
     unstaged_positions,
     warn_if_disk_short,
 )
+from pipelines.data.shards import HEADER, MANIFEST, pack_record, read_manifest
 from pipelines.data.sources import VOC_OBJECT, Listing, list_source
 from pipelines.data.staging import STAGING, finalize_shard, shard_sizes, write_piece
 from pipelines.runtime import cluster_cpus, init_ray, stop_local_ray, warm_data_workers
@@ -116,7 +116,7 @@ def process_batch(batch: dict[str, np.ndarray], source: str, resize: int, center
         except Exception as exc:  # noqa: BLE001 - any decoder surprise is this file's problem
             reasons[i] = f"decode failed: {type(exc).__name__}: {exc}"
             continue
-        values[i] = sh.pack_record(int(batch["label"][i]), rgb.shape[0], rgb.shape[1], encoding,
+        values[i] = pack_record(int(batch["label"][i]), rgb.shape[0], rgb.shape[1], encoding,
                                    str(rel), image)
         s, o, p = pixel_moments(rgb)
         sums[i], outers[i], pixels[i] = s, o.reshape(9), p
@@ -154,7 +154,7 @@ def estimate_record_bytes(listing: Listing, split: str, cfg: PreprocessConfig) -
             data = None if pix is not None else _read(listing.root, rel, crop is not None)
             _, image = process_one(data, pix, cfg.resize, cfg.center_crop, cfg.encoding,
                                    cfg.quality, cfg.reduced_decode, crop)
-            sizes.append(len(image) + sh.HEADER.size + len(rel.encode()))
+            sizes.append(len(image) + HEADER.size + len(rel.encode()))
         except (DecodeError, OSError):
             continue
     if sizes:
@@ -264,11 +264,11 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
         t = time.time()
         plan = load_plan(out, make_plan(listing, cfg), cfg.overwrite)
         check_params(out, params, False)  # load_plan may have cleared OUT
-        pending, todo = pending_rows(out, listing, plan, cfg.seed)
+        pending, to_process = pending_rows(out, listing, plan, cfg.seed)
         timing["plan_s"] = time.time() - t
-        if (pending is None or not pending.num_rows) and (out / sh.MANIFEST).is_file():
+        if (pending is None or not pending.num_rows) and (out / MANIFEST).is_file():
             try:
-                done = sh.read_manifest(out)
+                done = read_manifest(out)
             except ValueError:  # unreadable or an older format: rebuilt below
                 done = None
             if done is not None and done.get("preprocess") == params:
@@ -292,7 +292,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict:
             except OSError:
                 pass
         try:
-            return build_manifest(out, listing, plan, params, started, todo, timing)
+            return build_manifest(out, listing, plan, params, started, to_process, timing)
         except OSError as exc:
             problem = output_problem(exc, out)
             if problem:
@@ -347,11 +347,11 @@ def _stage_and_commit(pending: pa.Table, root: str, out: Path, cfg: PreprocessCo
         splits = batch["split"].astype(str)
         for key in {(a, int(b)) for a, b in zip(splits, batch["shard"], strict=True)}:
             sel = (splits == key[0]) & (batch["shard"] == key[1])
-            todo = missing[key]
-            if todo.any():
-                todo[batch["pos"][sel]] = False
-                if not todo.any():
-                    commits.append(commit.remote(out, *key, len(todo)))
+            unstaged = missing[key]
+            if unstaged.any():
+                unstaged[batch["pos"][sel]] = False
+                if not unstaged.any():
+                    commits.append(commit.remote(out, *key, len(unstaged)))
     ray.get(commits)
     timing["pipeline_s"] = time.time() - t
     timing["pipeline_started_at"] = t

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.data import shards as sh
 from pipelines.data.output import say
+from pipelines.data.shards import write_shard
 from pipelines.files import atomic_path, atomic_write
 
 STAGING = ".staging"
@@ -127,8 +127,8 @@ def _staged(out: Path, split: str, shard: int) -> list[tuple[Path, dict, np.ndar
 
 def staged_positions(out: Path, split: str, shard: int) -> np.ndarray:
     """Positions already staged for an unfinished shard (a killed run's work, not redone)."""
-    found = [np.asarray(h["positions"], np.int64) for _, h, _, _ in _staged(out, split, shard)]
-    return np.unique(np.concatenate(found)) if found else np.zeros(0, np.int64)
+    positions = [np.asarray(h["positions"], np.int64) for _, h, _, _ in _staged(out, split, shard)]
+    return np.unique(np.concatenate(positions)) if positions else np.zeros(0, np.int64)
 
 
 def finalize_shard(out: Path, split: str, shard: int, expected: int) -> dict | None:
@@ -180,7 +180,7 @@ def finalize_shard(out: Path, split: str, shard: int, expected: int) -> dict | N
                 yield [os.pread(fds[k], length, offset)
                        for k, offset, length in (where[p] for p in order[c:c + size])]
 
-        sha = sh.write_shard(final, chunks(), {"split": split, "shard": shard})
+        sha = write_shard(final, chunks(), {"split": split, "shard": shard})
     finally:
         for fd in fds:
             os.close(fd)

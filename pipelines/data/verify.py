@@ -22,7 +22,17 @@ from pathlib import Path
 
 import lmdb
 
-from pipelines.data import shards as sh
+from pipelines.data.shards import (
+    META_KEY,
+    QUARANTINE,
+    RecordError,
+    ShardReader,
+    decode_image,
+    file_sha256,
+    read_manifest,
+    record_key,
+    unpack_record,
+)
 
 
 def _check_shard(out: Path, entry: dict, num_classes: int, decode: bool) -> dict:
@@ -34,7 +44,7 @@ def _check_shard(out: Path, entry: dict, num_classes: int, decode: bool) -> dict
     size = path.stat().st_size
     if "bytes" in entry and size != entry["bytes"]:
         problems.append(f"{name}: {size} bytes, manifest says {entry['bytes']}")
-    sha = sh.file_sha256(path)
+    sha = file_sha256(path)
     if sha != entry["sha256"]:
         problems.append(f"{name}: sha256 {sha[:12]}..., manifest says {entry['sha256'][:12]}...")
     seen = 0
@@ -46,17 +56,17 @@ def _check_shard(out: Path, entry: dict, num_classes: int, decode: bool) -> dict
                 "paths": [], "records": 0}
     try:
         with env.begin(buffers=False) as txn:
-            raw_meta = txn.get(sh.META_KEY)
+            raw_meta = txn.get(META_KEY)
             meta = json.loads(raw_meta) if raw_meta else {}
             if meta.get("records") != entry["records"]:
                 problems.append(f"{name}: __meta__ says {meta.get('records')} records, manifest "
                                 f"says {entry['records']}")
             for key, value in txn.cursor():
-                if key == sh.META_KEY:
+                if key == META_KEY:
                     continue
                 try:
                     index = int(key)
-                    if key != sh.record_key(index) or not 0 <= index < entry["records"]:
+                    if key != record_key(index) or not 0 <= index < entry["records"]:
                         raise ValueError
                 except ValueError:
                     problems.append(f"{name}: unexpected key {key[:20]!r}")
@@ -64,8 +74,8 @@ def _check_shard(out: Path, entry: dict, num_classes: int, decode: bool) -> dict
                 seen += 1
                 where = f"{name} record {index}"
                 try:
-                    rec = sh.unpack_record(value)
-                except sh.RecordError as exc:
+                    rec = unpack_record(value)
+                except RecordError as exc:
                     problems.append(f"{where}: {exc}")
                     continue
                 paths.append(rec.path)
@@ -76,11 +86,11 @@ def _check_shard(out: Path, entry: dict, num_classes: int, decode: bool) -> dict
                                     f"{rec.height}x{rec.width}")
                 if decode:
                     try:
-                        img = sh.decode_image(rec)
+                        img = decode_image(rec)
                         if img.shape[:2] != (rec.height, rec.width):
                             problems.append(f"{where}: decodes to {img.shape[:2]}, header says "
                                             f"{(rec.height, rec.width)}")
-                    except sh.RecordError as exc:
+                    except RecordError as exc:
                         problems.append(f"{where}: {exc}")
     finally:
         env.close()
@@ -105,8 +115,8 @@ def quick_check(out: str | os.PathLike, manifest: dict) -> list[str]:
                                 f"{entry['bytes']}")
                 continue
             try:
-                records = len(sh.ShardReader(path))
-            except (sh.RecordError, OSError, lmdb.Error) as exc:
+                records = len(ShardReader(path))
+            except (RecordError, OSError, lmdb.Error) as exc:
                 problems.append(f"{name}: not a finished LMDB shard ({exc})")
                 continue
             if records != entry["records"]:
@@ -133,19 +143,19 @@ def verify_output(out: str | os.PathLike, decode: bool = False,
     out = Path(out)
     report: dict = {"out": str(out), "ok": False, "problems": [], "warnings": [], "splits": {}}
     try:
-        manifest = sh.read_manifest(out)
+        manifest = read_manifest(out)
     except (FileNotFoundError, ValueError, json.JSONDecodeError) as exc:
         report["problems"].append(str(exc))
         return report
     num_classes = len(manifest["classes"])
     quarantine: Counter = Counter()
-    qpath = out / sh.QUARANTINE
+    qpath = out / QUARANTINE
     if qpath.is_file():
         for n, line in enumerate(qpath.read_text().splitlines(), 1):
             try:
                 quarantine[json.loads(line)["split"]] += 1
             except (json.JSONDecodeError, KeyError, TypeError):
-                report["problems"].append(f"{sh.QUARANTINE}:{n}: not a {{split, path, reason}} "
+                report["problems"].append(f"{QUARANTINE}:{n}: not a {{split, path, reason}} "
                                           "JSON line")
     else:
         report["problems"].append(f"{qpath} missing")
@@ -168,7 +178,7 @@ def verify_output(out: str | os.PathLike, decode: bool = False,
             report["problems"].append(f"{split}: {records} records in shards, manifest says "
                                       f"{s['records']}")
         if quarantine[split] != s["quarantined"]:
-            report["problems"].append(f"{split}: {quarantine[split]} lines in {sh.QUARANTINE}, "
+            report["problems"].append(f"{split}: {quarantine[split]} lines in {QUARANTINE}, "
                                       f"manifest says {s['quarantined']} quarantined")
         if "listed" in s and s["records"] + s["quarantined"] != s["listed"]:
             report["problems"].append(f"{split}: {s['records']} records + {s['quarantined']} "

@@ -53,7 +53,7 @@ def log_evaluation(cfg: InferConfig, refs: list[ModelRef], result: dict,
     and the summary as artifacts. Returns the run id."""
     import mlflow
 
-    from pipelines import config as C
+    from pipelines import config
     from pipelines.train.tracking import setup_mlflow
 
     setup_mlflow()
@@ -79,7 +79,7 @@ def log_evaluation(cfg: InferConfig, refs: list[ModelRef], result: dict,
     model_id = refs[0].model_id if len(refs) == 1 else None
     with mlflow.start_run(run_name=f"eval {label}") as run:
         mlflow.set_tags(tags)
-        mlflow.log_params({k: str(v)[:500] for k, v in C.flatten(cfg).items()})
+        mlflow.log_params({k: str(v)[:500] for k, v in config.flatten(cfg).items()})
         mlflow.log_metrics(metrics, model_id=model_id)
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "per_class_accuracy.csv").write_text(per_class_csv(per_class))
@@ -183,8 +183,8 @@ def run_batch_infer(cfg: InferConfig) -> dict:
         # from_blocks: block metadata computed here; from_arrow runs one remote task per block
         # for it (32 tasks and ~2 s before the first decode for 2,000 images on 2 CPUs).
         block = cfg.batch_size
-        ds = ray.data.from_blocks([inputs.slice(o, block)
-                                   for o in range(0, inputs.num_rows, block)])
+        ds = ray.data.from_blocks([inputs.slice(offset, block)
+                                   for offset in range(0, inputs.num_rows, block)])
         # Decoding stays in tasks, apart from the model actors: Ray Data fuses the two
         # (decode inside the actors) when their resource requests match, and then decoding
         # could not use CPUs beyond the actors'. The decode tasks' memory request (a real

@@ -116,18 +116,18 @@ def _list_table_file(path: Path, classes: list[dict], path_column: str,
     raw_paths = table[path_column].to_pylist()
     if label_column and label_column in table.column_names:
         where, label_of = f"{path.name} row {{}} column {label_column!r}", _Labels(classes)
-        found = [label_of(v, where.format(i))
+        labels = [label_of(v, where.format(i))
                  for i, v in enumerate(table[label_column].to_pylist())]
     else:
-        found = [(-1, "")] * len(raw_paths)
+        labels = [(-1, "")] * len(raw_paths)
     paths, errors = [], []
-    for i, (p, (_, err)) in enumerate(zip(raw_paths, found, strict=True)):
+    for i, (p, (_, err)) in enumerate(zip(raw_paths, labels, strict=True)):
         empty = p is None or str(p).strip() == ""
         paths.append(f"{path.name} row {i}" if empty else _resolve(path.parent, str(p)))
         # The row's path column then names the row; printed as "PATH: ERROR", so the error
         # itself does not repeat it.
         errors.append(f"empty {path_column!r}" if empty else err)
-    return _table(paths, [lab for lab, _ in found], errors=errors)
+    return _table(paths, [lab for lab, _ in labels], errors=errors)
 
 
 def _list_folder(root: Path, classes: list[dict]) -> pa.Table:

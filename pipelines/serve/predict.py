@@ -117,7 +117,7 @@ def resolve_model(ref: str, dst: str | None = None) -> ModelRef:
                 raise InferError(f"model {ref!r}: use models:/{name}@ALIAS or "
                                  f"models:/{name}/VERSION; {_registry_choices(client, name)}")
         except MlflowException:
-            raise InferError(f"model {ref!r} not found; {_registry_choices(client, name)}") \
+            raise InferError(f"model {ref!r} not versions; {_registry_choices(client, name)}") \
                 from None
         version, run_id = str(mv.version), mv.run_id
         model_id = _logged_model_id(mv)
@@ -132,22 +132,22 @@ def resolve_model(ref: str, dst: str | None = None) -> ModelRef:
                 from None
         uri = ref
         # The registered version made from this run, if exactly one: its number goes in the output.
-        found = client.search_model_versions(f"run_id='{run_id}'")
-        if len(found) == 1:
-            name, version = found[0].name, str(found[0].version)
-            model_id = _logged_model_id(found[0])
+        versions = client.search_model_versions(f"run_id='{run_id}'")
+        if len(versions) == 1:
+            name, version = versions[0].name, str(versions[0].version)
+            model_id = _logged_model_id(versions[0])
         if not path:
             raise InferError(f"model {ref!r}: name the model's path in the run, e.g. "
                              f"runs:/{run_id}/model")
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
-    except Exception as exc:  # noqa: BLE001 - MLflow raises several kinds for "not found"
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several kinds for "not versions"
         extra = ""
         if ref.startswith("runs:/"):
             # MLflow 3 keeps logged models beside the run's artifacts, as LoggedModels.
             outputs = getattr(run, "outputs", None)
-            models = sorted({client.get_logged_model(o.model_id).name
-                             for o in (outputs.model_outputs if outputs else [])})
+            models = sorted({client.get_logged_model(output.model_id).name
+                             for output in (outputs.model_outputs if outputs else [])})
             arts = [a.path for a in client.list_artifacts(run_id)]
             extra = f"; run {run_id} has models {models or 'none'}, artifacts {arts or 'none'}"
         raise InferError(f"model {ref!r} could not be downloaded "

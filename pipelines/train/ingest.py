@@ -44,7 +44,7 @@ def check_dataset(data: str | Path, manifest: dict, train_split: str, val_split:
     listed exists, has the listed size and record count, the counts add up, the stats the
     training needs are there and the crop fits the stored images. Costs one stat and one
     LMDB meta read per shard (no data read: ImageNet's ~600 shards take well under a
-    second). Returns `{split: {"records": n, "shards": k}}` for the splits found."""
+    second). Returns `{split: {"records": n, "shards": k}}` for the splits split_counts."""
     data = Path(data)
     # --overwrite with unchanged parameters keeps every finished shard, so it repairs nothing:
     # a manifest without what training needs is made again, elsewhere; a damaged shard is
@@ -80,7 +80,7 @@ def check_dataset(data: str | Path, manifest: dict, train_split: str, val_split:
     if resize and crop > resize:
         raise DatasetMismatch(f"--crop {crop} is larger than the stored images ({resize} px, "
                               f"preprocess --resize); use --crop <= {resize}")
-    found = {}
+    split_counts = {}
     for split in (train_split, val_split):
         if split not in splits:
             continue
@@ -106,8 +106,8 @@ def check_dataset(data: str | Path, manifest: dict, train_split: str, val_split:
         if total != splits[split]["records"]:
             raise DatasetMismatch(f"{data}: split {split!r} shards hold {total} records, the "
                                   f"manifest says {splits[split]['records']}; {fix}")
-        found[split] = {"records": total, "shards": len(splits[split]["shards"])}
-    return found
+        split_counts[split] = {"records": total, "shards": len(splits[split]["shards"])}
+    return split_counts
 
 # An index that carries the epoch (high bits) with the record (low bits), so DataLoader
 # processes that persist across epochs still draw fresh, reproducible crops each epoch.

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipelines import config as C
+from pipelines import config
 from pipelines.data.shards import manifest_digest, read_manifest
 from pipelines.files import exists, read_text, write_text
 from pipelines.runtime import init_ray
@@ -40,7 +40,7 @@ from pipelines.train.storage import (
 )
 
 
-def _check_resources(cfg: C.TrainConfig, local: bool) -> None:
+def _check_resources(cfg: config.TrainConfig, local: bool) -> None:
     """Workers the cluster cannot place wait in WorkerGroupStartupTimeoutError retries for
     minutes. On the local Ray this command started, that is an error now; on a cluster
     (which may autoscale), one line says what the run waits for."""
@@ -106,7 +106,7 @@ def _fit(trainer):
     return result
 
 
-def apply_variant_defaults(cfg: C.TrainConfig, given: set[str]) -> C.TrainConfig:
+def apply_variant_defaults(cfg: config.TrainConfig, given: set[str]) -> config.TrainConfig:
     """Defaults that depend on the variant, for the fields the user did not set (`given`:
     the names set by a flag or the YAML). The cifar variant is built for 32x32 inputs, so
     its crop is 32 unless --crop says otherwise; the config's 224 is ImageNet's. Adam and
@@ -122,13 +122,13 @@ def apply_variant_defaults(cfg: C.TrainConfig, given: set[str]) -> C.TrainConfig
     return cfg
 
 
-def check_config(cfg: C.TrainConfig) -> tuple[dict, dict]:
+def check_config(cfg: config.TrainConfig) -> tuple[dict, dict]:
     """Every check that can fail before a worker starts: flags, manifest, shards. Returns
     (manifest, {split: {records, shards}})."""
     from alexnet import INPUT_SIZE, check_variant, min_input_size
     from pipelines.train.ingest import DatasetMismatch, check_dataset
 
-    C.resolve_auto(cfg)
+    config.resolve_auto(cfg)
     try:
         check_variant(cfg.model.variant, cfg.model.groups)
     except ValueError as exc:
@@ -154,15 +154,15 @@ def check_config(cfg: C.TrainConfig) -> tuple[dict, dict]:
         raise TrainError("--decode-on-gpu reads JPEG records; these shards are "
                          f"{manifest.get('preprocess', {}).get('encoding')!r}")
     try:
-        found = check_dataset(cfg.data.data, manifest, cfg.data.train_split,
+        split_counts = check_dataset(cfg.data.data, manifest, cfg.data.train_split,
                               cfg.data.val_split, cfg.data.crop)
     except DatasetMismatch as exc:
         raise TrainError(str(exc)) from exc
     _check_cifar_scale(cfg, manifest)
-    return manifest, found
+    return manifest, split_counts
 
 
-def prepare_start(cfg: C.TrainConfig, manifest: dict) -> dict | None:
+def prepare_start(cfg: config.TrainConfig, manifest: dict) -> dict | None:
     """`--init-from`: read the weights and fit them to the model this run builds, before
     any worker or MLflow run starts (a variant or shape mismatch is an error now). Returns
     {state, record} or None; `record` (ref, what it resolved to, what happened to the last
@@ -224,7 +224,7 @@ def _write_start(fs, run_dir: str, start: dict) -> None:
     write_text(fs, f"{run_dir}/{INIT_FROM_FILE}", json.dumps(start["record"], indent=1))
 
 
-def _check_cifar_scale(cfg: C.TrainConfig, manifest: dict) -> None:
+def _check_cifar_scale(cfg: config.TrainConfig, manifest: dict) -> None:
     """The cifar variant on ImageNet-sized shards would train on crops several times larger
     than it is built for (224 px: 7x CIFAR's 32, 49x the FLOPs, a 3x3 pool5 averaged down
     from 24x24): almost surely a mistake, so it needs CIFAR-sized data."""
@@ -237,7 +237,7 @@ def _check_cifar_scale(cfg: C.TrainConfig, manifest: dict) -> None:
                          "--variant paper or torchvision for large images")
 
 
-def _cluster_tags(cfg: C.TrainConfig) -> dict[str, str]:
+def _cluster_tags(cfg: config.TrainConfig) -> dict[str, str]:
     import ray
 
     resources = ray.cluster_resources()
@@ -247,7 +247,7 @@ def _cluster_tags(cfg: C.TrainConfig) -> dict[str, str]:
             "ray.train_workers": str(cfg.run.workers)}
 
 
-def _log_start(cfg: C.TrainConfig, manifest: dict, found: dict, digest: str) -> dict:
+def _log_start(cfg: config.TrainConfig, manifest: dict, split_counts: dict, digest: str) -> dict:
     """What a new run logs before training: params, tags, dataset input, artifacts (config,
     class index, manifest, a grid of augmented training crops). Returns the artifact paths."""
     import cv2
@@ -256,15 +256,15 @@ def _log_start(cfg: C.TrainConfig, manifest: dict, found: dict, digest: str) -> 
     from pipelines.data.shards import split_readers
     from pipelines.train.ingest import augmented_samples
 
-    mlflow.log_params(C.flatten(cfg))
+    mlflow.log_params(config.flatten(cfg))
     dataset, tags = tracking.dataset_input(cfg.data.data, Path(cfg.data.data).name, digest,
-                                           cfg.data.crop, found)
+                                           cfg.data.crop, split_counts)
     mlflow.log_input(dataset, context="training", tags=tags)
     samples = augmented_samples(split_readers(cfg.data.data, manifest, cfg.data.train_split),
                                 manifest["stats"], cfg.data.crop, n=16, seed=cfg.run.seed,
                                 alphastd=cfg.data.pca_alphastd)
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "config.yaml").write_text(C.to_yaml(cfg))
+        (Path(tmp) / "config.yaml").write_text(config.to_yaml(cfg))
         (Path(tmp) / "classes.json").write_text(json.dumps(manifest["classes"]))
         grid = tracking.image_grid(samples, columns=8)
         cv2.imwrite(str(Path(tmp) / "augmented_train_samples.png"), grid[:, :, ::-1])
@@ -275,7 +275,7 @@ def _log_start(cfg: C.TrainConfig, manifest: dict, found: dict, digest: str) -> 
                           "dataset/manifest.json"]}
 
 
-def _start_tracking(cfg: C.TrainConfig, fs, run_dir: str, name: str, digest: str):
+def _start_tracking(cfg: config.TrainConfig, fs, run_dir: str, name: str, digest: str):
     """The one place where an unreachable MLflow stops the job: set the experiment and open
     (or reopen, on --resume) the run, before any worker starts. Returns (uri, run)."""
     import mlflow
@@ -306,7 +306,7 @@ def _start_tracking(cfg: C.TrainConfig, fs, run_dir: str, name: str, digest: str
                          "again") from None
 
 
-def run_train(cfg: C.TrainConfig) -> dict:
+def run_train(cfg: config.TrainConfig) -> dict:
     """Train, then log + register the best checkpoint; returns a summary (also printed)."""
     import mlflow
     import ray
@@ -316,7 +316,7 @@ def run_train(cfg: C.TrainConfig) -> dict:
     from pipelines.train.loop import CHAOS_ENV, train_loop_per_worker
     from pipelines.train.progress import EpochProgress
 
-    manifest, found = check_config(cfg)
+    manifest, split_counts = check_config(cfg)
     digest = manifest_digest(cfg.data.data)
     start = None if cfg.run.resume else prepare_start(cfg, manifest)
     fs, root = storage_filesystem(cfg.run.storage)
@@ -343,7 +343,7 @@ def run_train(cfg: C.TrainConfig) -> dict:
         raise
     run_id = run.info.run_id
     write_text(fs, f"{run_dir}/{RUN_ID_FILE}", run_id)
-    write_text(fs, f"{run_dir}/{RUN_CONFIG_FILE}", C.to_yaml(cfg))
+    write_text(fs, f"{run_dir}/{RUN_CONFIG_FILE}", config.to_yaml(cfg))
     try:
         if start is not None:
             _write_start(fs, run_dir, start)
@@ -363,15 +363,15 @@ def run_train(cfg: C.TrainConfig) -> dict:
         mlflow.set_tags(tags)
         if cfg.run.resume:
             stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-            mlflow.log_text(C.to_yaml(cfg), f"resumes/config-{stamp}.yaml")
+            mlflow.log_text(config.to_yaml(cfg), f"resumes/config-{stamp}.yaml")
             logged = {"artifacts": []}
         else:
-            logged = _log_start(cfg, manifest, found, digest)
+            logged = _log_start(cfg, manifest, split_counts, digest)
 
         chaos = os.environ.get(CHAOS_ENV)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"cfg": C.to_dict(cfg), "run_id": run_id, "tracking_uri": uri,
+            train_loop_config={"cfg": config.to_dict(cfg), "run_id": run_id, "tracking_uri": uri,
                                "driver_node_id": ray.get_runtime_context().get_node_id(),
                                "init_weights": f"{run_dir}/{INIT_WEIGHTS_FILE}" if init else None,
                                "init_stats": init["stats"] if init else None,

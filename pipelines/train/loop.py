@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from alexnet import build_model
 from alexnet.augment import normalize, pca_lighting
 from alexnet.metrics import ErrorMeter, topk_correct
-from pipelines import config as C
-from pipelines import precision
+from pipelines import config, precision
 from pipelines.data.shards import read_manifest, split_readers
 from pipelines.serve.model import save_bundle
 from pipelines.train.ingest import decode_crop_batch, make_loader
@@ -53,7 +52,7 @@ class RunMetrics:
     """Rank 0's metrics: into the run's journal (durable, beside the checkpoints), then to
     MLflow by a background sender. Nothing here waits on MLflow (see pipelines/train/journal.py)."""
 
-    def __init__(self, cfg: C.TrainConfig, tracking_uri: str, run_id: str):
+    def __init__(self, cfg: config.TrainConfig, tracking_uri: str, run_id: str):
         from pipelines.train.journal import JOURNAL, MetricJournal, MetricSender
         from pipelines.train.storage import storage_filesystem
 
@@ -104,24 +103,24 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def make_scheduler(cfg: C.TrainConfig, optimizer: torch.optim.Optimizer, lr: float):
-    o = cfg.optim
-    if o.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=o.step_size, gamma=0.1)
-    if o.schedule == "cosine":
+def make_scheduler(cfg: config.TrainConfig, optimizer: torch.optim.Optimizer, lr: float):
+    optim = cfg.optim
+    if optim.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=optim.step_size, gamma=0.1)
+    if optim.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.run.epochs)
     # The paper: divide by 10 when the validation error stops improving, three times in all.
     # min_lr stops the fourth drop (0.999: float rounding must not block the third), and eps
     # (1% of the last rate) makes the 0.1% step from the third rate to min_lr a no-op.
     # Per group: a fine-tuning's body runs at a fraction of the rate and drops as often.
-    last = lr * 0.1 ** o.max_lr_drops
+    last = lr * 0.1 ** optim.max_lr_drops
     mults = [g.get("lr_mult", 1.0) for g in optimizer.param_groups]
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=0.1, patience=o.lr_patience,
+        optimizer, mode="min", factor=0.1, patience=optim.lr_patience,
         min_lr=[last * m * 0.999 for m in mults], eps=last * min(mults) * 0.01)
 
 
-def step_scheduler(cfg: C.TrainConfig, scheduler, score: float) -> None:
+def step_scheduler(cfg: config.TrainConfig, scheduler, score: float) -> None:
     """Once per epoch: plateau looks at the epoch's score (val top-1 error), others count."""
     if cfg.optim.schedule == "plateau":
         scheduler.step(score)
@@ -155,22 +154,22 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return zlib.crc32(f"{seed}/{epoch}/{rank}".encode())
 
 
-def input_stats(cfg: C.TrainConfig, manifest: dict,
+def input_stats(cfg: config.TrainConfig, manifest: dict,
                 source_stats: dict | None = None) -> dict[str, list]:
     """The manifest's pixel statistics as the model sees them: with `--normalize mean` (the
     paper's) the std is 1, so `normalize` only subtracts the mean. Training, evaluation and
     the served bundle (`inference.json`) all take mean/std from here, so they agree.
     `source_stats` (--init-from): the mean/std the pretrained layers were trained with,
     which they keep expecting; the PCA colour statistics stay the data's."""
-    s = manifest["stats"]
-    std = [1.0, 1.0, 1.0] if C.resolve_auto(cfg).data.normalize == "mean" else s["std"]
-    mean = s["mean"]
+    stats = manifest["stats"]
+    std = [1.0, 1.0, 1.0] if config.resolve_auto(cfg).data.normalize == "mean" else stats["std"]
+    mean = stats["mean"]
     if source_stats:
         mean, std = source_stats["mean"], source_stats["std"]
-    return {"mean": mean, "std": std, "eigval": s["eigval"], "eigvec": s["eigvec"]}
+    return {"mean": mean, "std": std, "eigval": stats["eigval"], "eigvec": stats["eigvec"]}
 
 
-def inference_info(cfg: C.TrainConfig, manifest: dict, num_classes: int,
+def inference_info(cfg: config.TrainConfig, manifest: dict, num_classes: int,
                    source_stats: dict | None = None) -> dict:
     stats = input_stats(cfg, manifest, source_stats)
     return {"variant": cfg.model.variant, "groups": cfg.model.groups,
@@ -200,7 +199,7 @@ def param_groups(net: torch.nn.Module, weight_decay: float, bias_decay: bool,
              "weight_decay": weight_decay if k[1] or bias_decay else 0.0} for k in order]
 
 
-def make_optimizer(cfg: C.TrainConfig, net: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(cfg: config.TrainConfig, net: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     """SGD with momentum (the paper), Adam or AdamW, at `lr` x each group's `lr_mult`."""
     groups = param_groups(net, cfg.optim.weight_decay, cfg.optim.bias_decay,
                           cfg.model.body_lr_mult)
@@ -373,7 +372,7 @@ def evaluate(net: torch.nn.Module, loader, device, stats: dict, ten_crop: bool,
 
 def save_training_state(directory: str | Path, net: torch.nn.Module, optimizer, scheduler,
                         epoch: int, progress: Progress, run_id: str, info: dict,
-                        cfg: C.TrainConfig, confusion: np.ndarray | None = None) -> Path:
+                        cfg: config.TrainConfig, confusion: np.ndarray | None = None) -> Path:
     """A checkpoint: a model bundle (weights.pt + inference.json, servable as is), the
     training state (state.pt: optimiser, scheduler, epoch, best metric, RNG, MLflow run id;
     tensors and plain types only, read with weights_only=True), the resolved config and the
@@ -386,7 +385,7 @@ def save_training_state(directory: str | Path, net: torch.nn.Module, optimizer, 
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "epoch": epoch, "best": progress.best, "since_best": progress.since_best,
                 "rng": rng, "run_id": run_id}, directory / STATE)
-    (directory / CONFIG).write_text(C.to_yaml(cfg))
+    (directory / CONFIG).write_text(config.to_yaml(cfg))
     if confusion is not None:
         np.save(directory / CONFUSION, confusion, allow_pickle=False)
     return directory
@@ -451,7 +450,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     _quiet_ray_train_reports()
 
-    cfg: C.TrainConfig = C.resolve_auto(C.from_dict(C.TrainConfig, loop_config["cfg"]))
+    cfg: config.TrainConfig = config.resolve_auto(config.from_dict(config.TrainConfig, loop_config["cfg"]))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     rank_zero = RankZero(rank)
@@ -493,7 +492,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from pipelines.train.journal import prefer_short_requests
 
     prefer_short_requests()  # this worker only sends metrics: fail fast, the sender retries
-    logger = rank_zero(RunMetrics, cfg, loop_config["tracking_uri"], loop_config["run_id"])
+    # Rank 0's metrics (None elsewhere): every `if metrics_log` below is "on rank 0".
+    metrics_log = rank_zero(RunMetrics, cfg, loop_config["tracking_uri"],
+                            loop_config["run_id"])
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -502,8 +503,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                                            device)
         # One point per restore (after a failure or --resume): the UI shows where runs
         # picked up again.
-        rank_zero(RunMetrics.log, logger, "restore", start_epoch,
-                  {"restored_at_epoch": start_epoch})
+        if metrics_log:
+            metrics_log.log("restore", start_epoch, {"restored_at_epoch": start_epoch})
 
     train_loader = make_loader(split_readers(data_dir, manifest, cfg.data.train_split),
                                cfg.data.crop, "train", cfg.optim.batch_size, rank, world,
@@ -562,7 +563,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 # No plateau drop while the rate is still climbing.
                 step_scheduler(cfg, scheduler, score)
             progress.update(score)
-            rank_zero(RunMetrics.log, logger, "epoch", epoch, metrics)
+            if metrics_log:
+                metrics_log.log("epoch", epoch, metrics)
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt = rank_zero(_checkpoint, tmp, net, optimizer, scheduler, epoch, progress,
                                  loop_config["run_id"], info, cfg, confusion)
@@ -573,7 +575,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if progress.should_stop(cfg.optim.early_stop_patience):
                 break
     finally:
-        rank_zero(RunMetrics.close, logger)
+        if metrics_log:
+            metrics_log.close()
         if monitor is not None:
             try:
                 monitor.finish()
@@ -581,7 +584,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 pass
 
 
-def read_init_weights(cfg: C.TrainConfig, path: str) -> dict[str, torch.Tensor]:
+def read_init_weights(cfg: config.TrainConfig, path: str) -> dict[str, torch.Tensor]:
     """The fitted start weights the launcher wrote beside the run's checkpoints (any
     storage Ray Train writes to, so workers on every node read the same file)."""
     import io

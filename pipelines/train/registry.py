@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from pipelines import config as C
+from pipelines import config
 from pipelines.data.shards import read_manifest
 from pipelines.files import exists, read_text
 from pipelines.serve.bundle import INFERENCE, WEIGHTS, read_info
@@ -104,7 +104,7 @@ def log_bundle_model(bundle_dir: str):
                       "num_classes": info["num_classes"]})
 
 
-def log_and_register(bundle_dir: str, cfg: C.TrainConfig, val_error: float | None,
+def log_and_register(bundle_dir: str, cfg: config.TrainConfig, val_error: float | None,
                      train_loss: float | None = None, run_id: str | None = None,
                      epoch: int | None = None) -> dict:
     """Log the bundle as an MLflow pyfunc model (models from code) in the active run and
@@ -178,7 +178,7 @@ def best_checkpoint(fs, run_dir: str, epochs: dict[int, dict]) -> tuple[int, str
     return epoch, kept[epoch]
 
 
-def finish_run(cfg: C.TrainConfig, fs, run_dir: str, run_id: str, uri: str,
+def finish_run(cfg: config.TrainConfig, fs, run_dir: str, run_id: str, uri: str,
                classes: list[dict], deadline_s: float, tags: dict | None = None) -> dict:
     """The end of a run, shared by `train` and `register --run`: send the journal's pending
     metrics, log the best epoch and its confusion matrix, log + register the best checkpoint
@@ -251,7 +251,7 @@ def finish_run(cfg: C.TrainConfig, fs, run_dir: str, run_id: str, uri: str,
     return summary
 
 
-def run_register(run: str, cfg: C.TrainConfig | None = None) -> dict:
+def run_register(run: str, cfg: config.TrainConfig | None = None) -> dict:
     """`workflow.py register --run STORAGE/NAME`: what the end of `train` does, for a run
     whose end could not reach MLflow. Idempotent: run twice, it registers once."""
     fs, run_dir = storage_filesystem(run)
@@ -260,7 +260,7 @@ def run_register(run: str, cfg: C.TrainConfig | None = None) -> dict:
                          "STORAGE/NAME as `train` printed it")
     run_id = read_text(fs, f"{run_dir}/{RUN_ID_FILE}").strip()
     if cfg is None:
-        cfg = C.from_dict(C.TrainConfig, yaml.safe_load(read_text(fs,
+        cfg = config.from_dict(config.TrainConfig, yaml.safe_load(read_text(fs,
                                                                    f"{run_dir}/{RUN_CONFIG_FILE}")))
     manifest = read_manifest(cfg.data.data)
     uri = abs_tracking_uri(tracking.setup_mlflow())

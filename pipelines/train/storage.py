@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from pipelines import config as C
+from pipelines import config
 from pipelines.files import exists, filesystem, read_text
 from pipelines.serve.bundle import INFERENCE
 from pipelines.train.errors import TrainError
@@ -46,7 +46,7 @@ def stored_config(storage: str, name: str) -> str | None:
     return read_text(fs, path) if exists(fs, path) else None
 
 
-def resolve_run(cfg: C.TrainConfig, fs, root: str) -> str:
+def resolve_run(cfg: config.TrainConfig, fs, root: str) -> str:
     """Pick the run name and check resume/new against what storage holds."""
     import pyarrow.fs as pafs
 
@@ -124,13 +124,13 @@ def kept_checkpoints(fs, run_dir: str) -> dict[int, str]:
     """{epoch: path} of the checkpoints Ray Train kept under STORAGE/NAME."""
     import pyarrow.fs as pafs
 
-    found = {}
+    by_epoch = {}
     for item in fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True)):
         if item.type == pafs.FileType.Directory and item.base_name.startswith("checkpoint_"):
             path = f"{item.path}/{INFERENCE}"
             if exists(fs, path):
-                found[int(json.loads(read_text(fs, path))["epoch"])] = item.path
-    return found
+                by_epoch[int(json.loads(read_text(fs, path))["epoch"])] = item.path
+    return by_epoch
 
 
 def intact(fs, path: str) -> bool:
