@@ -63,7 +63,7 @@ def pca_shift(
 
     The formula is the paper's, ``sum_i alpha_i * lambda_i * p_i`` with ``alpha_i ~ N(0,
     alphastd)`` per image, evaluated with pixels scaled to 0-1 (so ``lambda_i = eigval_i /
-    255^2``), as the design page and fb.resnet.torch do, then converted back to pixel units::
+    255^2``), as fb.resnet.torch does, then converted back to pixel units::
 
         shift = 255 * sum_i alpha_i * (eigval_i / 255^2) * eigvec[i]
               = sum_i alpha_i * (eigval_i / 255) * eigvec[i]

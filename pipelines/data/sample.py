@@ -7,7 +7,7 @@ Run it with::
 (optionally ``--classes N --train-per-class N --val-per-class N --seed S``). The demo and the
 end-to-end tests use it so that the whole workflow (preprocess -> train -> batch-infer) runs on a
 laptop with no download. The result is laid out exactly as the real ILSVRC-2012 download that
-``preprocess`` reads (see the "Source layouts" contract in the design notes)::
+``preprocess`` reads (see docs/preprocess.md, "Layouts")::
 
     OUT/train/<wnid>/<wnid>_<k>.JPEG           k = 1 .. train_per_class
     OUT/val/ILSVRC2012_val_<8 digits>.JPEG     flat, classes shuffled

@@ -249,9 +249,9 @@ def topk(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def predict_files(paths: list[str], models: list[str] | str | None = None,
                   ten_crop: bool = False, top: int = 5, amp: bool = True) -> list[dict]:
-    """Top-k classes of each image file, one process, no Ray (the C seed's single-image
-    inference). Returns one dict per path: {path, top: [{index, wnid, name, prob}]} or
-    {path, error}; a file that does not decode is an entry with `error`, not an exception."""
+    """Top-k classes of each image file, in one process, without Ray. Returns one dict per
+    path: {path, top: [{index, wnid, name, prob}]} or {path, error}; a file that does not
+    decode is an entry with `error`, not an exception."""
     import tempfile
 
     from pipelines.data.decode import decode_rgb

@@ -130,8 +130,8 @@ def step_scheduler(cfg: config.TrainConfig, scheduler, score: float) -> None:
 
 @dataclass
 class Progress:
-    """The best score so far and the epochs since it improved (early stopping, the third
-    seed's idea: stop after `patience` epochs without a better score; 0 never stops)."""
+    """The best score so far and the epochs since it improved (early stopping:
+    stop after `patience` epochs without a better score; 0 never stops)."""
 
     best: float = math.inf
     since_best: int = 0
