@@ -1,12 +1,12 @@
 # Two commands for a new user (see README):
 #   make demo   set up .venv, then make-sample -> preprocess -> train -> register -> batch-infer
-#   make test   set up .venv, lint, and run the test suite (what CI runs)
+#   make test   set up .venv, lint, run the test suite and the strict docs build (what CI runs)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 DATA   := data
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint docs install clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,11 @@ demo: install
 lint: install
 	$(BIN)/ruff check .
 
-test: lint
+# The documentation site (mkdocs.yml, docs/): --strict fails on any broken link or anchor.
+docs: install
+	$(BIN)/mkdocs build --strict -d $(VENV)/site
+
+test: lint docs
 	$(BIN)/python -m pytest
 
 clean:

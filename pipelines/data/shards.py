@@ -1,23 +1,7 @@
 """The shard format: LMDB files of pickle-free records, and the manifest that lists them.
 
-A record's value is a fixed 24-byte little-endian header, the source path, then the image:
-
-    offset size  field
-    0      4     magic  b"AXR1"
-    4      1     encoding: 0 = JPEG, 1 = raw uint8 RGB (height x width x 3, row-major)
-    5      1     reserved (0)
-    6      2     path_len: bytes of the UTF-8 source path that follows the header
-    8      4     label  (int32; -1 = unknown)
-    12     4     height (uint32, pixels)
-    16     4     width  (uint32, pixels)
-    20     4     crc32 of the image bytes (zlib.crc32)
-    24     path_len  source path relative to SRC (UTF-8)
-    24+path_len ...  image bytes
-
-Keys are `b"%010d" % i` for i in 0..records-1 (the order training reads), and one key
-`b"__meta__"` holds a JSON object (`split`, `shard`, `records`). Nothing is pickled, so a
-shard from someone else is safe to open. Readers open shards read-only and lock-free
-(`lock=False`): finished shards are never rewritten, so no reader needs a lock.
+The manifest and the record format are described in docs/data-format.md, the one place they
+are written down; this module is the code that writes and reads them.
 """
 
 from __future__ import annotations
