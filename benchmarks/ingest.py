@@ -1,4 +1,4 @@
-"""Training-input throughput per CPU core: our LMDB-shard loader against the seeds'
+"""Training-input throughput per CPU core: our LMDB-shard loader against the usual
 torchvision ImageFolder + RandomResizedCrop on the raw JPEGs, and against Ray Data ingest.
 
     .venv/bin/python benchmarks/ingest.py                 # 600 images, ~3 min on 2 cores
@@ -14,9 +14,9 @@ All in one run, so the ratios compare like with like:
    torch/OpenCV threads 1, DataLoader num_workers=0: every byte of work on that core) and
    counts uint8 224x224 training crops with random flips delivered in batches of 128, for at
    least --seconds, whole epochs:
-   (a) seeds: ImageFolder + RandomResizedCrop(224) + RandomHorizontalFlip + ToTensor +
-       Normalize (float32, what the seeds feed their model);
-   (b) seeds, uint8: the same with PILToTensor (uint8 out, no normalisation: the strict
+   (a) ImageFolder + RandomResizedCrop(224) + RandomHorizontalFlip + ToTensor +
+       Normalize (float32, what most PyTorch AlexNet implementations feed their model);
+   (b) ImageFolder, uint8: the same with PILToTensor (uint8 out, no normalisation: the strict
        like-for-like baseline, since our loader also stops at uint8);
    (c) ours: `pipelines.train.ingest.make_loader(mode="train")` over the JPEG shards (decode 256x256,
        random 224 crop + flip, uint8) - what each Ray Train worker runs;
@@ -251,8 +251,8 @@ def main() -> None:
     paths = prepare(args.images)
     print(f"load average before: {os.getloadavg()}", flush=True)
     rows = [
-        ("seeds: ImageFolder+RandomResizedCrop, float", "imagefolder", paths["src"], False),
-        ("seeds: ImageFolder+RandomResizedCrop, uint8", "imagefolder", paths["src"], True),
+        ("ImageFolder+RandomResizedCrop, float", "imagefolder", paths["src"], False),
+        ("ImageFolder+RandomResizedCrop, uint8", "imagefolder", paths["src"], True),
         ("ours: LMDB JPEG shards, per-worker reader", "shards", paths["jpeg"], False),
         ("ours: LMDB raw shards, per-worker reader", "shards", paths["raw"], False),
         ("Ray Data over the JPEG shards", "ray_data", paths["jpeg"], False),
@@ -269,10 +269,10 @@ def main() -> None:
     float_base = results[rows[0][0]]["images_per_cpu_s"]
     uint8_base = results[rows[1][0]]["images_per_cpu_s"]
     ours = results[rows[2][0]]["images_per_cpu_s"]
-    print(f"\nours (JPEG shards) / seeds' ImageFolder, float: {ours / float_base:.2f}x  "
+    print(f"\nours (JPEG shards) / ImageFolder, float: {ours / float_base:.2f}x  "
           f"(goal >= 4x)")
-    print(f"ours (JPEG shards) / seeds' ImageFolder, uint8: {ours / uint8_base:.2f}x")
-    print(f"ours (raw shards)  / seeds' ImageFolder, float: "
+    print(f"ours (JPEG shards) / ImageFolder, uint8: {ours / uint8_base:.2f}x")
+    print(f"ours (raw shards)  / ImageFolder, float: "
           f"{results[rows[3][0]]['images_per_cpu_s'] / float_base:.2f}x")
     print(f"Ray Data / ours (same shards, per CPU second):  "
           f"{results[rows[4][0]]['images_per_cpu_s'] / ours:.2f}x")

@@ -6,8 +6,8 @@ plain `torch.nn` (nn.LocalResponseNorm, no autocast), same batch size and thread
     .venv/bin/python benchmarks/train_step.py                      # CPU, 5-7 min on 2 cores
     .venv/bin/python benchmarks/train_step.py --gpu --batch-size 128 --images 5120   # GPU
 
-Defaults: the paper variant, 1 worker with 2 threads, 1 loader process, batch 64 (issue 12's
-setting), 192 images (3 steps an epoch). All in one run, so the ratios compare like with like:
+Defaults: the paper variant, 1 worker with 2 threads, 1 loader process, batch 64 (the paper
+recipe's acceptance setting), 192 images (3 steps an epoch). All in one run, so the ratios compare like with like:
 
 1. Data: ImageNet-like JPEGs preprocessed to 256x256 JPEG shards (benchmarks/ingest.py's
    generator; kept under /tmp/alexnet-bench-ingest).

@@ -77,7 +77,7 @@ def test_pca_shift_size_is_a_few_pixel_levels(pca) -> None:
     assert shift.shape == (10_000, 3)
     mean_abs = shift.abs().mean().item()
     assert 0 < mean_abs < 20
-    # The design formula exactly: std along eigvec[0] is 0.1 * eigval_0 / 255.
+    # The paper's formula in 0-1 units exactly: std along eigvec[0] is 0.1 * eigval_0 / 255.
     along_top = shift @ eigvec[0]
     assert along_top.std().item() == pytest.approx(0.1 * eigval[0].item() / 255, rel=0.05)
 

@@ -1,4 +1,4 @@
-"""The commands at their edges, as a user meets them (issue 15): real subprocesses, real
+"""The commands at their edges, as a user meets them: real subprocesses, real
 files, a real local Ray where a command starts one. Bad input is one line on stderr and exit
 status 2, never a traceback; what is printed is true.
 

@@ -184,7 +184,7 @@ def _run_onnx(path: Path, example):
 @contextlib.contextmanager
 def _quiet_jit():
     """torch 2.14 warns that torch.jit.* is deprecated, four lines per export; whoever runs
-    `--format torchscript` asked for it knowingly (the README says so and points to ONNX).
+    `--format torchscript` asked for it knowingly (docs/batch-inference.md says so and points to ONNX).
     The tracer also warns about the one Python branch on a tensor in the model,
     nn.LocalResponseNorm's `if input.numel() == 0` (an empty batch), which is False for any
     real input; the check after export runs another batch size than the trace's."""

@@ -5,7 +5,7 @@ Used by `pipelines/train/loop.py`; measured by `python benchmarks/ingest.py`.
 Why per-worker readers rather than Ray Data ingest: records are already shuffled across
 shards by `preprocess`, so a worker only needs a per-epoch permutation of record indices, and
 decoding a 256x256 JPEG + cropping in the worker's own DataLoader processes avoids moving
-every decoded image through the object store (measured in README "Training input").
+every decoded image through the object store (measured in benchmarks/ingest.py; figures in benchmarks/README.md).
 
 - Every epoch a seeded permutation of all train records is cut into `world_size` equal,
   disjoint shares; the remainder (< world_size records) is dropped so that every worker runs

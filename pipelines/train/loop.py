@@ -485,7 +485,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     net = unwrap(model)  # the one name for the bare module: eval, checkpoints, export
 
     global_batch = cfg.optim.batch_size * world
-    lr = cfg.optim.lr * global_batch / 128  # linear scaling rule, documented in README
+    lr = cfg.optim.lr * global_batch / 128  # linear scaling rule (docs/train.md)
     optimizer = make_optimizer(cfg, net, lr)
     scheduler = make_scheduler(cfg, optimizer, lr)
     start_epoch, progress = 0, Progress()
