@@ -204,12 +204,10 @@ def run_batch_infer(cfg: InferConfig) -> dict:
                             compute=pool, num_cpus=cfg.cpus_per_actor,
                             num_gpus=1 if cfg.gpu else 0)
         summary = Summary(classes)
-        arrivals: list[tuple[float, int]] = []
         if mode == "file":
-            arrivals = write_file(ds, Path(cfg.output), fmt, summary)
+            write_file(ds, Path(cfg.output), fmt, summary)
         else:
             write_dir(ds, cfg.output, fmt, cfg.overwrite, summary)
-    ended = time.time()  # the last row: the steady rate below ends here
     stop_local_ray(local)
     seconds = time.time() - started
     result = {"output": cfg.output, "output_mode": mode, "format": fmt, **summary.result(),
@@ -217,15 +215,6 @@ def run_batch_infer(cfg: InferConfig) -> dict:
               "model": model_uri, "model_version": model_version, "input_kind": source["kind"],
               "actors": cfg.actors, "cpus_per_actor": cfg.cpus_per_actor,
               "ray_start_s": round(ray_start_s, 2)}
-    if arrivals:
-        # Start-up (listing, worker and actor start, model load, first batch) apart from the
-        # rate once rows flow, taken over the second half of the rows (batches arrive in
-        # bursts at first, while the actors catch up with decoded inputs queued for them).
-        result["first_rows_s"] = round(arrivals[0][0] - started, 2)
-        t_half, n_half = next(a for a in arrivals if a[1] >= summary.images / 2)
-        if ended > t_half and summary.images > n_half:
-            result["steady_images_per_s"] = round(
-                (summary.images - n_half) / (ended - t_half), 2)
     if "label_note" in source:
         result["label_note"] = source["label_note"]
     result["per_class"] = summary.per_class_rows()

@@ -10,7 +10,6 @@ import io
 import os
 import shutil
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -132,19 +131,16 @@ class Summary:
         return rows
 
 
-def write_file(ds, out: Path, fmt: str, summary: Summary) -> list[tuple[float, int]]:
-    """Stream every batch to one file through the driver; the file appears atomically.
-    Returns (arrival time, rows so far) per batch, to tell start-up from throughput."""
+def write_file(ds, out: Path, fmt: str, summary: Summary) -> None:
+    """Stream every batch to one file through the driver; the file appears atomically."""
     import pyarrow.csv as pcsv
 
     writer = None
-    arrivals: list[tuple[float, int]] = []
     with atomic_path(out) as tmp:
         try:
             for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 if table.num_rows == 0:
                     continue
-                arrivals.append((time.time(), summary.images + table.num_rows))
                 table = table.cast(SCHEMA)
                 summary.update(table)
                 if fmt == "csv":
@@ -160,7 +156,6 @@ def write_file(ds, out: Path, fmt: str, summary: Summary) -> list[tuple[float, i
         finally:
             if writer is not None:
                 writer.close()
-    return arrivals
 
 
 def check_output(cfg: InferConfig, mode: str) -> None:
