@@ -10,7 +10,6 @@ import torch
 
 from alexnet import build_model
 from pipelines import config
-from pipelines.train.loop import freeze, make_optimizer, param_groups
 from pipelines.train.pretrained import (
     HEAD,
     Source,
@@ -20,6 +19,7 @@ from pipelines.train.pretrained import (
     read_class_file,
     read_state_file,
 )
+from pipelines.train.recipe import freeze, make_optimizer, param_groups
 
 
 def _classes(*wnids):

@@ -26,13 +26,12 @@ from pipelines.train.ingest import make_loader
 from pipelines.train.launcher import check_config
 from pipelines.train.loop import (
     DeviceBatches,
-    Warmup,
     evaluate,
     inference_info,
     input_stats,
-    param_groups,
     train_one_epoch,
 )
+from pipelines.train.recipe import Warmup, param_groups
 
 NO_AMP = torch.autocast("cpu", enabled=False)
 

@@ -33,21 +33,12 @@ from alexnet.augment import normalize, ten_crop
 from pipelines import config
 from pipelines.data.shards import split_readers
 from pipelines.train import tracking
+from pipelines.train.checkpoint import load_training_state, save_training_state
 from pipelines.train.errors import TrainError
 from pipelines.train.ingest import make_loader
 from pipelines.train.launcher import check_config, run_train
-from pipelines.train.loop import (
-    CHAOS_ENV,
-    DeviceBatches,
-    Progress,
-    epoch_seed,
-    evaluate,
-    load_training_state,
-    make_scheduler,
-    save_training_state,
-    step_scheduler,
-    train_one_epoch,
-)
+from pipelines.train.loop import CHAOS_ENV, DeviceBatches, evaluate, train_one_epoch
+from pipelines.train.recipe import Progress, epoch_seed, make_scheduler, step_scheduler
 from pipelines.train.storage import resolve_run, storage_filesystem
 
 NO_AMP = torch.autocast("cpu", enabled=False)

@@ -4,9 +4,9 @@ Launched by `pipelines/train/launcher.py` (`python workflow.py train`); never ru
 One call of `train_loop_per_worker` = one worker of one attempt: after a failure Ray restarts
 the whole group and this function starts again from `ray.train.get_checkpoint()`.
 
-The pieces that do not need Ray (one epoch of training, evaluation, the schedule and early
-stopping, writing and reading the training state) are plain functions, so
-`tests/test_train.py` checks them on real shards in one process.
+The pieces that do not need Ray are plain functions, so `tests/test_train.py` checks them on
+real shards in one process: one epoch of training and evaluation here, the optimiser,
+schedule and early stopping in `recipe.py`, the checkpoint in `checkpoint.py`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ import os
 import signal
 import tempfile
 import time
-import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,10 +28,18 @@ from alexnet.augment import normalize, pca_lighting
 from alexnet.metrics import ErrorMeter, topk_correct
 from pipelines import config, precision
 from pipelines.data.shards import read_manifest, split_readers
-from pipelines.serve.model import save_bundle
+from pipelines.train.checkpoint import load_training_state, save_training_state
 from pipelines.train.ingest import decode_crop_batch, make_loader
+from pipelines.train.recipe import (
+    Progress,
+    Warmup,
+    epoch_seed,
+    freeze,
+    make_optimizer,
+    make_scheduler,
+    step_scheduler,
+)
 
-STATE, CONFUSION, CONFIG = "state.pt", "val_confusion.npy", "config.yaml"
 # Environment variable of the chaos hook (see `Chaos`); the launcher forwards it to workers.
 CHAOS_ENV = "ALEXNET_CHAOS"
 
@@ -103,57 +109,6 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def make_scheduler(cfg: config.TrainConfig, optimizer: torch.optim.Optimizer, lr: float):
-    optim = cfg.optim
-    if optim.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=optim.step_size, gamma=0.1)
-    if optim.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.run.epochs)
-    # The paper: divide by 10 when the validation error stops improving, three times in all.
-    # min_lr stops the fourth drop (0.999: float rounding must not block the third), and eps
-    # (1% of the last rate) makes the 0.1% step from the third rate to min_lr a no-op.
-    # Per group: a fine-tuning's body runs at a fraction of the rate and drops as often.
-    last = lr * 0.1 ** optim.max_lr_drops
-    mults = [g.get("lr_mult", 1.0) for g in optimizer.param_groups]
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=0.1, patience=optim.lr_patience,
-        min_lr=[last * m * 0.999 for m in mults], eps=last * min(mults) * 0.01)
-
-
-def step_scheduler(cfg: config.TrainConfig, scheduler, score: float) -> None:
-    """Once per epoch: plateau looks at the epoch's score (val top-1 error), others count."""
-    if cfg.optim.schedule == "plateau":
-        scheduler.step(score)
-    else:
-        scheduler.step()
-
-
-@dataclass
-class Progress:
-    """The best score so far and the epochs since it improved (early stopping:
-    stop after `patience` epochs without a better score; 0 never stops)."""
-
-    best: float = math.inf
-    since_best: int = 0
-
-    def update(self, score: float) -> bool:
-        if score < self.best:
-            self.best, self.since_best = score, 0
-            return True
-        self.since_best += 1
-        return False
-
-    def should_stop(self, patience: int) -> bool:
-        return patience > 0 and self.since_best >= patience
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """The torch seed of one rank's epoch (dropout masks, PCA alphas): distinct per rank,
-    and a function of the epoch, so a restart from a checkpoint draws what an uninterrupted
-    run would have drawn."""
-    return zlib.crc32(f"{seed}/{epoch}/{rank}".encode())
-
-
 def input_stats(cfg: config.TrainConfig, manifest: dict,
                 source_stats: dict | None = None) -> dict[str, list]:
     """The manifest's pixel statistics as the model sees them: with `--normalize mean` (the
@@ -176,81 +131,6 @@ def inference_info(cfg: config.TrainConfig, manifest: dict, num_classes: int,
             "num_classes": num_classes, "input_size": cfg.data.crop,
             "resize": manifest["preprocess"]["resize"],
             "mean": stats["mean"], "std": stats["std"], "classes": manifest["classes"]}
-
-
-def param_groups(net: torch.nn.Module, weight_decay: float, bias_decay: bool,
-                 body_lr_mult: float = 1.0) -> list[dict]:
-    """Optimiser parameter groups of the trainable parameters. Weights decay, biases (every
-    1-d parameter) only with `bias_decay`, as in Caffe's bvlc_alexnet (decay_mult 0) and
-    cuda-convnet's configs: decaying the positive init biases pulls the ReLUs they keep
-    alive towards zero. With `body_lr_mult` (fine-tuning), every layer but the last runs at
-    that fraction of the lr; each group's `lr_mult` says its share, and the groups at the
-    full rate come first (their lr is the one logged)."""
-    from pipelines.train.pretrained import HEAD
-
-    groups: dict[tuple[float, bool], list] = {}
-    for name, p in net.named_parameters():
-        if not p.requires_grad:  # frozen (--freeze): not the optimiser's business
-            continue
-        mult = 1.0 if name.startswith(HEAD + ".") else body_lr_mult
-        groups.setdefault((mult, p.ndim > 1), []).append(p)
-    order = sorted(groups, key=lambda k: (k[0] != 1.0, not k[1]))
-    return [{"params": groups[k], "lr_mult": k[0],
-             "weight_decay": weight_decay if k[1] or bias_decay else 0.0} for k in order]
-
-
-def make_optimizer(cfg: config.TrainConfig, net: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """SGD with momentum (the paper), Adam or AdamW, at `lr` x each group's `lr_mult`."""
-    groups = param_groups(net, cfg.optim.weight_decay, cfg.optim.bias_decay,
-                          cfg.model.body_lr_mult)
-    for group in groups:
-        group["lr"] = lr * group["lr_mult"]
-    if cfg.optim.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=lr)
-    if cfg.optim.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum)
-
-
-def freeze(net: torch.nn.Module, what: str) -> list[str]:
-    """`--freeze features`: the conv layers keep their (pretrained) values; returns the
-    frozen parameter names. Done before DDP wraps the model, which then skips them."""
-    if what == "none":
-        return []
-    frozen = [f"{what}.{n}" for n, _ in getattr(net, what).named_parameters()]
-    for p in getattr(net, what).parameters():
-        p.requires_grad_(False)
-    return frozen
-
-
-class Warmup:
-    """Linear lr warmup per step over the first `epochs` epochs (Goyal et al. 2017): step i
-    of the warmup runs at `scheduled lr x (i + 1) / warmup steps`. The schedulers never see
-    the warmup rates: `end_epoch` puts the scheduled rates back before they step. A pure
-    function of (epoch, step), so a run restored mid-warmup goes on where it was."""
-
-    def __init__(self, epochs: int, steps_per_epoch: int):
-        self.epochs, self.steps_per_epoch = epochs, max(1, steps_per_epoch)
-        self.scheduled: list[float] | None = None
-
-    def active(self, epoch: int) -> bool:
-        return epoch < self.epochs
-
-    def step(self, optimizer: torch.optim.Optimizer, epoch: int, step: int) -> None:
-        if not self.active(epoch):
-            return
-        if self.scheduled is None:
-            self.scheduled = [g["lr"] for g in optimizer.param_groups]
-        done = epoch * self.steps_per_epoch + step + 1
-        scale = min(1.0, done / (self.epochs * self.steps_per_epoch))
-        for group, lr in zip(optimizer.param_groups, self.scheduled, strict=True):
-            group["lr"] = lr * scale
-
-    def end_epoch(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.scheduled is not None:
-            for group, lr in zip(optimizer.param_groups, self.scheduled, strict=True):
-                group["lr"] = lr
-            self.scheduled = None
 
 
 def _all_reduce(t: torch.Tensor, world: int) -> torch.Tensor:
@@ -368,43 +248,6 @@ def evaluate(net: torch.nn.Module, loader, device, stats: dict, ten_crop: bool,
     out["val_skipped_records"] = float(_all_reduce(skipped, world).item())
     matrix = _all_reduce(confusion, world).view(num_classes, num_classes).cpu().numpy()
     return out, matrix
-
-
-def save_training_state(directory: str | Path, net: torch.nn.Module, optimizer, scheduler,
-                        epoch: int, progress: Progress, run_id: str, info: dict,
-                        cfg: config.TrainConfig, confusion: np.ndarray | None = None) -> Path:
-    """A checkpoint: a model bundle (weights.pt + inference.json, servable as is), the
-    training state (state.pt: optimiser, scheduler, epoch, best metric, RNG, MLflow run id;
-    tensors and plain types only, read with weights_only=True), the resolved config and the
-    val confusion matrix of this epoch."""
-    directory = Path(directory)
-    save_bundle(directory, net.state_dict(), {**info, "epoch": epoch})
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "epoch": epoch, "best": progress.best, "since_best": progress.since_best,
-                "rng": rng, "run_id": run_id}, directory / STATE)
-    (directory / CONFIG).write_text(config.to_yaml(cfg))
-    if confusion is not None:
-        np.save(directory / CONFUSION, confusion, allow_pickle=False)
-    return directory
-
-
-def load_training_state(directory: str | Path, net: torch.nn.Module, optimizer, scheduler,
-                        device) -> tuple[int, Progress, str]:
-    """Restore what `save_training_state` wrote into the given objects; returns (next epoch,
-    progress, MLflow run id)."""
-    directory = Path(directory)
-    state = torch.load(directory / STATE, map_location="cpu", weights_only=True)
-    net.load_state_dict(torch.load(directory / "weights.pt", map_location=device,
-                                   weights_only=True))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["rng"]["cuda"])
-    return state["epoch"] + 1, Progress(state["best"], state["since_best"]), state["run_id"]
 
 
 def _node_monitor(loop_config: dict, rank_ctx):
@@ -600,9 +443,3 @@ def _checkpoint(tmp: str, *args):
     from ray.train import Checkpoint
 
     return Checkpoint.from_directory(str(save_training_state(tmp, *args)))
-
-
-def read_confusion(directory: str | Path) -> np.ndarray | None:
-    path = Path(directory) / CONFUSION
-    return np.load(path, allow_pickle=False) if path.is_file() else None
-

@@ -143,7 +143,7 @@ def _log_confusion(ckpt_dir: str, classes: list[dict]) -> list[str]:
     """The best checkpoint's val confusion matrix: PNG + the top confusions as a table."""
     import mlflow
 
-    from pipelines.train.loop import read_confusion
+    from pipelines.train.checkpoint import read_confusion
 
     matrix = read_confusion(ckpt_dir)
     if matrix is None:
