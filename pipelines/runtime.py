@@ -100,38 +100,3 @@ def cluster_cpus() -> int:
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
-def _import(modules: list[str]) -> None:
-    import importlib
-
-    for name in modules:
-        importlib.import_module(name)
-
-
-def warm_data_workers(modules: list[str]) -> None:
-    """Get Ray Data's own actors started and one worker per CPU importing `modules`, before
-    a dataset runs.
-
-    Why: a local Ray prestarts one worker process per CPU, but Ray Data's first dataset gives
-    two of them to its stats and autoscaling-coordinator actors, so the first tasks wait for
-    new processes to start and import Ray Data and the stage's modules: measured on 2 CPUs,
-    the first decode began 3.1 s after the dataset started, and the second worker's later.
-    Creating those actors first and importing in the remaining workers moves that cost out
-    of the dataset's run into start-up, so the pipeline's timing measures the data path; it
-    does not shorten the whole job (measured: 17.5-17.7 s with it, 17.0-18.7 s without, for
-    5,000 images). Best effort: the two getters are Ray Data internals, so a Ray release
-    without them only loses the split."""
-    import ray
-
-    try:
-        from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
-        from ray.data._internal.stats import get_or_create_stats_actor
-
-        get_or_create_stats_actor()
-        get_or_create_autoscaling_coordinator()
-    except Exception:  # noqa: BLE001 - an optimisation only
-        pass
-    cpus = cluster_cpus()
-    task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_import)
-    ray.get([task.remote(["ray.data", *modules]) for _ in range(cpus)])

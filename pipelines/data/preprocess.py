@@ -55,7 +55,7 @@ from pipelines.data.plan import (
 from pipelines.data.shards import HEADER, MANIFEST, pack_record, read_manifest
 from pipelines.data.sources import VOC_OBJECT, Listing, list_source
 from pipelines.data.staging import STAGING, finalize_shard, shard_sizes, write_piece
-from pipelines.runtime import cluster_cpus, init_ray, stop_local_ray, warm_data_workers
+from pipelines.runtime import cluster_cpus, init_ray, stop_local_ray
 
 SIZE_SAMPLE = 32  # images encoded in the driver to estimate record size (shard planning)
 
@@ -308,7 +308,6 @@ def _run_pipeline(pending: pa.Table, root: str, out: Path, cfg: PreprocessConfig
     started = init_ray(lean=True, log_to_driver=False, configure_logging=False)
     try:
         check_shared_storage(out)
-        warm_data_workers(["pipelines.data.preprocess"])
         timing["ray_start_s"] = time.time() - t
         _stage_and_commit(pending, root, out, cfg, plan, timing)
     finally:
