@@ -217,7 +217,10 @@ def test_broken_files_get_reasons():
         good[:40]: "truncated JPEG",
         png_bytes(reference_rgb())[:200]: "corrupt or truncated PNG",
         b"\x89PNG\r\n\x1a\n\0\0": "truncated PNG",
-        b"\xff\xd8\xff\xdb\x00\x04\x00\x00\xff\xda": "no frame header",
+        # A quantization table, then the scan, and no frame header (SOF) between them.
+        b"\xff\xd8\xff\xdb\x00\x43\x00" + bytes(64) + b"\xff\xda\x00\x02\x00\xff\xd9":
+            "no frame header",
+        b"\xff\xd8\xff\xdb\x00\x04\x00\x00\xff\xda": "corrupt JPEG header",  # a 2-byte table
     }
     for data, reason in cases.items():
         with pytest.raises(DecodeError, match=reason.replace("(", r"\(").replace(")", r"\)")):
@@ -227,7 +230,8 @@ def test_broken_files_get_reasons():
 @pytest.mark.parametrize("make", [png_bomb, jpeg_bomb], ids=["png", "jpeg"])
 def test_decompression_bombs_rejected_from_the_header_alone(make):
     data = make()
-    header = read_header(data[:200])  # the header is in the first bytes: nothing else is read
+    # The header is in the first bytes (a JPEG's markers up to its scan): nothing else is read.
+    header = read_header(data[:1024])
     assert header.width * header.height > MAX_PIXELS
     with pytest.raises(DecodeError, match="decompression bomb.*65000x65000.*not decoded"):
         decode_rgb(data)
@@ -239,6 +243,17 @@ def test_decompression_bombs_rejected_from_the_header_alone(make):
         decode_rgb(make(20000, 20000))
     assert time.perf_counter() - started < 0.5
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000  # KiB
+
+
+def test_webp_bomb_rejected_from_the_header():
+    """A lossless WebP whose header claims 16383x16383: Pillow's WebP plugin refuses it before
+    libwebp sizes a canvas; the reason says so like any other bomb."""
+    data = bytearray(cv2.imencode(".webp", reference_rgb(50, 70), [cv2.IMWRITE_WEBP_QUALITY, 101])[1])
+    assert data[12:16] == b"VP8L"
+    bits = int.from_bytes(data[21:25], "little") & ~(2 ** 28 - 1)
+    data[21:25] = (bits | 16382 | 16382 << 14).to_bytes(4, "little")  # sides minus one
+    with pytest.raises(DecodeError, match="decompression bomb: WEBP"):
+        decode_rgb(bytes(data))
 
 
 def test_unreadable_files_become_reasons(tmp_path):
