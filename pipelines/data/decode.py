@@ -54,9 +54,13 @@ cv2.setNumThreads(1)
 # error threshold (2 x Image.MAX_IMAGE_PIXELS), held here rather than read from Pillow, whose
 # own check read_header bypasses (see there); the largest ILSVRC-2012 image is far below it.
 MAX_PIXELS = 178_956_970
-# With --no-center-crop the longer side is kept; refuse rescaled images longer than this many
-# times the target (a 1x5000 strip rescaled to 256 would be a 1.3-million-pixel-long row).
-MAX_ASPECT = 16
+# The widest aspect ratio (longer : shorter side) accepted wherever the longer side is kept
+# after rescaling: `rescale(..., center_crop=False)` (preprocess --no-center-crop) and
+# serving's single centre crop (pipelines/serve/predict.py), which must agree since serving
+# reproduces preprocessing. The limit is memory, not taste: rescaled to a shorter side of 256,
+# 64:1 is a 256x16384 image (12 MB as RGB), while a 1x100000 banner would be 256x25600000
+# (~20 GB). 64 keeps real photos, wide panoramas included (some pass 16:1, the old limit).
+MAX_ASPECT = 64
 # An object crop (preprocess --voc-objects) keeps this fraction of the box's side around the
 # box on each side, clipped to the photo: a little context, as detection-to-classification
 # crops usually keep, so the object's edges are not cut by a box drawn a pixel tight.
