@@ -1,5 +1,5 @@
 """Source layouts: ImageNet, ImageFolder, images lists and CIFAR batches; auto detection; the
-pickle-free CIFAR reader; listing without a stat per file. Mostly no Ray; the CIFAR and
+restricted CIFAR unpickler; listing without a stat per file. Mostly no Ray; the CIFAR and
 images-list tests run the real pipeline.
 
     pytest tests/test_sources.py
@@ -18,6 +18,7 @@ import pytest
 
 from pipelines.config import PreprocessConfig
 from pipelines.data import shards as sh
+from pipelines.data.cifar import read_pickle_safely
 from pipelines.data.preprocess import run_preprocess
 from pipelines.data.sources import (
     ListLine,
@@ -25,7 +26,6 @@ from pipelines.data.sources import (
     detect_layout,
     list_source,
     read_images_list,
-    read_pickle_safely,
 )
 
 
@@ -173,6 +173,36 @@ def test_safe_reader_refuses_code_and_executes_nothing(tmp_path):
         read_pickle_safely(pickle.dumps(np.array([object()]), protocol=2))
     with pytest.raises(SourceError):
         read_pickle_safely(b"\x80\x02}q\x01(U\x04data")  # truncated stream
+
+
+class _Eval:
+    def __reduce__(self):
+        return (eval, ("__import__('os').system('touch /tmp/evil-cifar-ran')",))
+
+
+class _Exec:
+    def __reduce__(self):
+        return (exec, ("open('/tmp/evil-cifar-ran', 'w').close()",))
+
+
+@pytest.mark.parametrize("payload", [
+    pickle.dumps({"data": _Evil()}, protocol=0),
+    pickle.dumps({"data": _Eval()}, protocol=2),
+    pickle.dumps([_Exec()], protocol=5),
+    # A Python 2 batch naming __builtin__.eval (pickle maps it to builtins.eval).
+    b"\x80\x02c__builtin__\neval\nq\x00U\x1f__import__('os').getcwd() and 1\x85R.",
+    # An allowed module with a name CIFAR does not use.
+    b"\x80\x02cnumpy\nload\nU\x05/etc/\x85R.",
+], ids=["os.system-proto0", "builtins.eval", "builtins.exec-proto5", "py2-eval", "numpy.load"])
+def test_restricted_unpickler_refuses_every_other_global(payload):
+    """Each payload runs its code under pickle.loads; the CIFAR reader refuses it, with the
+    same error, before anything is looked up."""
+    marker = Path("/tmp/evil-cifar-ran")
+    marker.unlink(missing_ok=True)
+    with pytest.raises(SourceError, match="data_batch_1: refers to .*, which a CIFAR batch "
+                                          "never does; refusing to load it"):
+        read_pickle_safely(payload, "data_batch_1")
+    assert not marker.exists()
 
 
 def test_cifar10_and_cifar100_listing(tmp_path):
