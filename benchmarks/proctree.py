@@ -112,7 +112,7 @@ class TreeSampler:
             self._stop.wait(self.interval)
 
     def cpu_s(self) -> float:
-        return sum(s for _, s in self.cpu.values())
+        return sum(seconds for _, seconds in self.cpu.values())
 
     def cpu_s_by_kind(self) -> dict[str, float]:
         out: dict[str, float] = {}

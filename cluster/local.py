@@ -91,8 +91,8 @@ def stop_all(state: dict) -> dict[str, tuple[int, float]]:
         if node["role"] == "head":
             timed("head", stop_node, node)
     if state.get("mlflow"):
-        m = state["mlflow"]
-        timed("mlflow", stop_session, m["pid"], marker=m["artifacts_destination"])
+        server = state["mlflow"]
+        timed("mlflow", stop_session, server["pid"], marker=server["artifacts_destination"])
     return stopped
 
 
@@ -184,16 +184,16 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def _print_status(state: dict) -> None:
-    for n in state.get("nodes", []):
-        extra = f"  dashboard {n['dashboard_url']}  gcs {n['gcs_address']}" \
-            if n["role"] == "head" else ""
-        print(f"ray {n['role']:<7} pid {n['pid']:<8} {'up' if alive(n['pid']) else 'DOWN':<5}"
-              f"{extra}  log {n['log']}")
+    for node in state.get("nodes", []):
+        extra = f"  dashboard {node['dashboard_url']}  gcs {node['gcs_address']}" \
+            if node["role"] == "head" else ""
+        print(f"ray {node['role']:<7} pid {node['pid']:<8} "
+              f"{'up' if alive(node['pid']) else 'DOWN':<5}{extra}  log {node['log']}")
     if state.get("mlflow"):
-        m = state["mlflow"]
-        print(f"mlflow       pid {m['pid']:<8} {'up' if alive(m['pid']) else 'DOWN':<5}"
-              f"  {m['uri']}  backend {m['backend_store_uri']}  artifacts "
-              f"{m['artifacts_destination']}")
+        server = state["mlflow"]
+        print(f"mlflow       pid {server['pid']:<8} {'up' if alive(server['pid']) else 'DOWN':<5}"
+              f"  {server['uri']}  backend {server['backend_store_uri']}  artifacts "
+              f"{server['artifacts_destination']}")
     head = next((n for n in state.get("nodes", []) if n["role"] == "head"), None)
     if head and alive(head["pid"]):
         try:

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from pipelines.config import PreprocessConfig
-from pipelines.data import shards as sh
+from pipelines.data import shards
 from pipelines.data.decode import (
     MAX_PIXELS,
     DecodeError,
@@ -346,7 +346,7 @@ def test_every_bad_kind_through_preprocess(ray_local, tiny_source, tmp_path):
     out = tmp_path / "out"
     manifest = run_preprocess(PreprocessConfig(source=str(src), out=str(out), resize=64,
                                                batch_size=8))
-    quarantine = [json.loads(x) for x in (out / sh.QUARANTINE).read_text().splitlines()]
+    quarantine = [json.loads(x) for x in (out / shards.QUARANTINE).read_text().splitlines()]
     reasons = {Path(q["path"]).name: q["reason"] for q in quarantine}
     assert set(reasons) == set(rejected) | {"dangling.JPEG", "x.JPEG"}
     for name, (_, reason) in rejected.items():
@@ -356,12 +356,12 @@ def test_every_bad_kind_through_preprocess(ray_local, tiny_source, tmp_path):
     train = manifest["splits"]["train"]
     assert train["quarantined"] == len(reasons) and train["records"] == 40 + len(accepted)
     assert train["listed"] == train["records"] + train["quarantined"]
-    records = {Path(r.path).name: r for rd in sh.split_readers(out, manifest, "train")
+    records = {Path(r.path).name: r for rd in shards.split_readers(out, manifest, "train")
                for r in (rd[i] for i in range(len(rd)))}
     assert set(accepted) <= set(records)
     for name in ("cmyk.JPEG", "ycck.JPEG"):
         want = rescale(rgb, 64)
-        assert _mean_error(sh.decode_image(records[name]), want) < 3
+        assert _mean_error(shards.decode_image(records[name]), want) < 3
 
 
 def test_pixel_moments_are_exact_integers():

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pipelines.config import PreprocessConfig
-from pipelines.data import shards as sh
+from pipelines.data import shards
 from pipelines.data.cifar import read_pickle_safely
 from pipelines.data.preprocess import run_preprocess
 from pipelines.data.sources import (
@@ -229,11 +229,11 @@ def test_cifar_through_the_pipeline_keeps_exact_pixels(ray_local, tmp_path):
     assert manifest["layout"] == "cifar"
     assert manifest["splits"]["train"]["records"] == 12
     assert manifest["splits"]["val"]["records"] == 6
-    records = [r[i] for r in sh.split_readers(out, manifest, "train") for i in range(len(r))]
+    records = [r[i] for r in shards.split_readers(out, manifest, "train") for i in range(len(r))]
     for rec in records:  # raw 32x32 records are the batch's pixels, HWC
         batch, index = rec.path.split("/")
         want = cifar_pixels(6, int(batch[-1]) - 1)[int(index)].reshape(3, 32, 32)
-        np.testing.assert_array_equal(sh.decode_image(rec), want.transpose(1, 2, 0))
+        np.testing.assert_array_equal(shards.decode_image(rec), want.transpose(1, 2, 0))
         assert rec.label == ((int(batch[-1]) - 1) * 6 + int(index)) % 10
 
 

@@ -214,9 +214,9 @@ def list_imagenet(src: Path) -> Listing:
 
 # --------------------------------------------------------------------------- imagefolder
 def list_imagefolder(src: Path) -> Listing:
-    split_dirs = [s for s in SPLIT_DIRS if (src / s).is_dir()]
+    split_dirs = [split for split in SPLIT_DIRS if (src / split).is_dir()]
     if split_dirs:
-        roots = {s: (src / s, s) for s in split_dirs}
+        roots = {split: (src / split, split) for split in split_dirs}
         class_root = src / ("train" if "train" in split_dirs else split_dirs[0])
     else:
         roots = {"train": (src, "")}
@@ -419,7 +419,7 @@ def list_source(src: str | os.PathLike, layout: str = "auto", voc_objects: bool 
         layout, detected = detect_layout(src)
     listers = {"imagenet": list_imagenet, "imagefolder": list_imagefolder,
                "images-list": list_images_list, "cifar": list_cifar,
-               "voc": lambda s: list_voc(s, voc_objects)}
+               "voc": lambda source: list_voc(source, voc_objects)}
     if layout not in listers:
         raise SourceError(f"layout {layout!r} is not one of {list(LAYOUTS)}")
     if voc_objects and layout != "voc":

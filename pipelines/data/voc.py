@@ -184,10 +184,10 @@ def list_voc(src: Path, objects: bool = False) -> Listing:
     jpegs = {}
     try:
         with os.scandir(root / "JPEGImages") as it:
-            for e in it:
-                stem, ext = os.path.splitext(e.name)
+            for entry in it:
+                stem, ext = os.path.splitext(entry.name)
                 if ext.lower() in IMAGE_EXTENSIONS and (stem not in jpegs or ext == ".jpg"):
-                    jpegs[stem] = e.name
+                    jpegs[stem] = entry.name
     except OSError as exc:
         raise SourceError(f"cannot read folder {root / 'JPEGImages'}: {exc.strerror}; fix its "
                           "permissions") from None
