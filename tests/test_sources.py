@@ -205,6 +205,23 @@ def test_restricted_unpickler_refuses_every_other_global(payload):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("payload", [
+    # numpy.ndarray((1,), "O", 8 bytes): an object array whose pointers are the bytes.
+    b"\x80\x02cnumpy\nndarray\nK\x01\x85X\x01\x00\x00\x00OC\x08" + b"\x01" * 8 + b"\x87R.",
+    # The same through protocol 5's _frombuffer(buffer, "O", (1,), "C").
+    b"\x80\x02cnumpy._core.numeric\n_frombuffer\n(C\x08" + b"\x01" * 8
+    + b"X\x01\x00\x00\x00OK\x01\x85X\x01\x00\x00\x00CtR.",
+    # A real int64 array pickle with its dtype changed to object ("O8").
+    pickle.dumps(np.array([1], np.int64), protocol=2).replace(b"X\x02\x00\x00\x00i8",
+                                                              b"X\x02\x00\x00\x00O8"),
+], ids=["ndarray-call", "frombuffer-object", "object-dtype"])
+def test_numpy_globals_take_plain_numbers_only(payload):
+    """The numpy functions a batch may name cannot be turned into object arrays made of the
+    pickle's bytes (which crash the process, or worse)."""
+    with pytest.raises(SourceError, match="not a plain number type|numpy.ndarray itself"):
+        read_pickle_safely(payload, "data_batch_1")
+
+
 def test_cifar10_and_cifar100_listing(tmp_path):
     c10 = make_cifar10(tmp_path / "a")
     assert detect_layout(tmp_path / "a")[0] == "cifar"  # the folder holding the download

@@ -10,8 +10,9 @@ The batches are Python pickles, and unpickling can call any function the file na
 read by `read_pickle_safely`: the standard library's restricted unpickler (a `find_class` that
 answers only the numpy reconstruction functions and types CIFAR batches name; see "Restricting
 Globals" in the `pickle` documentation), so a tampered batch that names os.system, eval or any
-other global is refused before anything runs: an error, not a risk. What comes out is checked
-too: numeric arrays only, never Python objects.
+other global is refused before anything runs: an error, not a risk. The numpy functions it
+does answer are wrappers that accept plain number types only (an object array made from a
+pickle's bytes would hold arbitrary pointers), and what comes out is checked again.
 """
 
 from __future__ import annotations
@@ -32,18 +33,54 @@ def _latin1_bytes(text: str, encoding: str = "utf-8") -> bytes:
     return text.encode("latin-1")
 
 
-# numpy's pickle helpers, taken from what numpy itself pickles rather than imported by module
-# name: numpy 2 moved them from numpy.core to numpy._core, and batches name either.
-_RECONSTRUCT = np.zeros(1).__reduce__()[0]     # _reconstruct: protocols 0-4
-_FROMBUFFER = np.zeros(1).__reduce_ex__(5)[0]  # _frombuffer: protocol 5
-# Every global a CIFAR batch names (the download's Python 2 batches, re-pickled Python 3 ones).
+def _numeric_dtype(spec, align=False, copy=True) -> np.dtype:
+    """`numpy.dtype` for plain numbers only: an object dtype would let the bytes of a pickle
+    become object pointers (np.ndarray((1,), "O", b"...") crashes the process)."""
+    if isinstance(spec, bytes):
+        spec = spec.decode("latin-1")
+    dtype = np.dtype(spec)  # align, copy: nothing to a plain number type
+    if dtype.kind not in "biuf" or dtype.fields is not None or dtype.subdtype is not None:
+        raise SourceError(f"pickled dtype {spec!r} is not a plain number type; a CIFAR batch "
+                          "holds only numbers")
+    return dtype
+
+
+class _NdarrayToken:
+    """What `numpy.ndarray` resolves to: the subtype argument `_reconstruct` expects, never
+    the class itself, which a pickle could call with an object dtype and a byte buffer."""
+
+    def __new__(cls, *args, **kwargs):
+        raise SourceError("pickle calls numpy.ndarray itself, which a CIFAR batch never does; "
+                          "refusing to load it")
+
+
+# numpy's own pickle helpers, taken from what numpy pickles rather than imported by module
+# name (numpy 2 moved them from numpy.core to numpy._core, and batches name either), and
+# called only with plain number types.
+_RECONSTRUCT = np.zeros(1).__reduce__()[0]
+
+
+def _reconstruct(subtype, shape, typecode) -> np.ndarray:
+    """An empty array that the pickle's BUILD then fills (protocols 0 to 4)."""
+    if subtype is not _NdarrayToken:
+        raise SourceError("pickled array of a type other than numpy.ndarray")
+    return _RECONSTRUCT(np.ndarray, shape, _numeric_dtype(typecode))
+
+
+def _frombuffer(buf, dtype, shape, order="C") -> np.ndarray:
+    """An array from its bytes (protocol 5)."""
+    return np.frombuffer(bytes(buf), dtype=_numeric_dtype(dtype)).reshape(shape, order=order)
+
+
+# Every global a CIFAR batch names (the download's Python 2 batches, re-pickled Python 3
+# ones), each answered by a function that checks its arguments.
 _ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,
-    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy", "ndarray"): _NdarrayToken,
+    ("numpy", "dtype"): _numeric_dtype,
     ("_codecs", "encode"): _latin1_bytes,
 }
 
@@ -64,8 +101,12 @@ class _BatchUnpickler(pickle.Unpickler):
         return allowed
 
 
+_PLAIN = (str, bytes, bytearray, int, float, bool, type(None))
+
+
 def _plain(value, origin: str):
-    """`value` with dict keys as str, after checking that every array holds plain numbers."""
+    """`value` with dict keys as str, after checking that it holds only what a CIFAR batch
+    holds: dicts, lists, tuples, strings, numbers, None and numeric arrays."""
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf" or value.dtype.fields is not None:
             raise SourceError(f"{origin}: pickled array of dtype {value.dtype} is not a plain "
@@ -76,6 +117,9 @@ def _plain(value, origin: str):
                 for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(_plain(v, origin) for v in value)
+    if not isinstance(value, _PLAIN):
+        raise SourceError(f"{origin}: pickle holds a {type(value).__name__}, which a CIFAR "
+                          "batch never does")
     return value
 
 
