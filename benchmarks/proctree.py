@@ -1,6 +1,6 @@
 """What a command and every process it starts (Ray's GCS, raylet, workers, actors) use: peak
-memory and CPU seconds, read from /proc while it runs. Shared by the benchmarks; not run on
-its own (Linux only, like /proc).
+memory and CPU seconds, read with psutil while it runs. Shared by the benchmarks; not run on
+its own (Linux only: PSS comes from /proc/PID/smaps_rollup).
 
 Memory is the proportional set size (PSS): pages shared between processes, such as Ray's
 object store or the libraries every worker maps, count once in the sum instead of once per
@@ -16,55 +16,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def tree(root: int) -> list[int]:
-    """root and all its live descendants."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += children.get(pid, [])
-    return out
-
-
-def _status_kb(pid: int, path: str, field: str) -> int:
-    try:
-        with open(f"/proc/{pid}/{path}") as fh:
-            for line in fh:
-                if line.startswith(field):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-def pss_kb(pid: int) -> int:
-    return _status_kb(pid, "smaps_rollup", "Pss:")
-
-
-def rss_kb(pid: int) -> int:
-    return _status_kb(pid, "status", "VmRSS:")
-
-
-def cpu_s(pid: int) -> tuple[str, float]:
-    """(process title, user + system CPU seconds so far); ("", 0.0) once it has gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-        return title, (int(fields[11]) + int(fields[12])) / TICK
-    except (OSError, IndexError, ValueError):
-        return "", 0.0
+import psutil
 
 
 def ray_kind(pid: int, title: str, root: int) -> str:
@@ -92,8 +44,8 @@ class TreeSampler:
         # Reading PSS is not free: smaps_rollup walks every mapping of a process, and a Ray
         # job has ~15 processes mapping GBs (torch, the object store). Measured: every 0.2 s
         # it cost 9.7 CPU-s in a 38 s batch-infer run, 13 % of a 2-core machine, taken from
-        # the job being timed. Speed runs read only the CPU times (cheap /proc/PID/stat),
-        # every 0.5 s; memory runs are separate.
+        # the job being timed. Speed runs read only the CPU times (cheap: /proc/PID/stat
+        # under psutil), every 0.5 s; memory runs are separate.
         self.memory = memory
         self.root, self.kind = root, kind
         self.interval = interval or (0.2 if memory else 0.5)
@@ -101,6 +53,8 @@ class TreeSampler:
         self.peak_root_rss_kb = 0
         self.peak_pss_kb_by_kind: dict[str, int] = {}
         self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds)
+        self._root = psutil.Process(root)
+        self._known: dict[int, psutil.Process] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -112,28 +66,53 @@ class TreeSampler:
         self._stop.set()
         self._thread.join()
 
+    def _tree(self) -> list[psutil.Process]:
+        """The root and its live descendants; a process keeps its Process object from one
+        sample to the next (psutil then reads its start time once, and a reused pid is
+        told apart from it)."""
+        try:
+            current = [self._root, *self._root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+        self._known = {proc.pid: self._known.get(proc.pid, proc) for proc in current}
+        return list(self._known.values())
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            pids = tree(self.root)
-            pss = {p: pss_kb(p) if self.memory else 0 for p in pids}
-            self.peak_pss_kb = max(self.peak_pss_kb, sum(pss.values()))
-            if self.memory:
-                self.peak_root_rss_kb = max(self.peak_root_rss_kb, rss_kb(self.root))
-            now: dict[str, int] = {}
-            for p in pids:
-                title, seconds = cpu_s(p)
+            pss_by_pid: dict[int, int] = {}
+            for proc in self._tree():
+                try:
+                    times = proc.cpu_times()
+                    pss_by_pid[proc.pid] = (proc.memory_full_info().pss >> 10
+                                            if self.memory else 0)
+                except psutil.Error:  # gone between the listing and the reading
+                    continue
+                try:
+                    title = " ".join(proc.cmdline())
+                except psutil.Error:  # exiting: a zombie has no command line left
+                    title = ""
+                seconds = times.user + times.system
                 if seconds:  # an exiting process has no title left: keep the kind it had
-                    kind = self.kind(p, title, self.root) if title.strip() else \
-                        self.cpu.get(p, ("?",))[0]
-                    self.cpu[p] = (kind, seconds)
-                kind = self.cpu.get(p, ("?",))[0]
-                now[kind] = now.get(kind, 0) + pss[p]
-            for kind, kb in now.items():
+                    kind = self.kind(proc.pid, title, self.root) if title.strip() else \
+                        self.cpu.get(proc.pid, ("?",))[0]
+                    self.cpu[proc.pid] = (kind, seconds)
+            self.peak_pss_kb = max(self.peak_pss_kb, sum(pss_by_pid.values()))
+            if self.memory:
+                try:
+                    rss_kb = self._root.memory_info().rss >> 10
+                except psutil.Error:
+                    rss_kb = 0
+                self.peak_root_rss_kb = max(self.peak_root_rss_kb, rss_kb)
+            pss_by_kind: dict[str, int] = {}
+            for pid, kb in pss_by_pid.items():
+                kind = self.cpu.get(pid, ("?",))[0]
+                pss_by_kind[kind] = pss_by_kind.get(kind, 0) + kb
+            for kind, kb in pss_by_kind.items():
                 self.peak_pss_kb_by_kind[kind] = max(self.peak_pss_kb_by_kind.get(kind, 0), kb)
             self._stop.wait(self.interval)
 
     def cpu_s(self) -> float:
-        return sum(s for _, s in self.cpu.values())
+        return sum(seconds for _, seconds in self.cpu.values())
 
     def cpu_s_by_kind(self) -> dict[str, float]:
         out: dict[str, float] = {}

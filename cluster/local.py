@@ -13,12 +13,12 @@ Then, from the repository root (see README "From laptop to cluster"):
     ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
         python workflow.py train --data /abs/path/shards --storage /abs/path/checkpoints
 
-Why process groups and not `ray stop`: `ray stop` kills every Ray process of the machine's user
-(it matches process names), including clusters this stack did not start. Every process here is
-started with `start_new_session=True` (`ray start --block`, `mlflow server`), so it leads its own
-session; stopping sends SIGTERM to that session's processes (Ray's `--block` handler then stops
-its children gracefully), waits, and SIGKILLs what is left. Raylet workers stay in the session,
-so nothing started here outlives `down`.
+Why sessions and not `ray stop`: `ray stop` kills every Ray process of the machine's user (it
+matches process names), including clusters this stack did not start. Every process here leads
+a session of its own and is stopped as that session (cluster/processes.py), so nothing started
+here outlives `down` and nothing else is touched. The services themselves (Ray nodes, the
+MLflow server) are started and awaited in cluster/services.py; this module is the command:
+the state file and the up/add-node/status/kill-node/down steps.
 
 Everything lives under one state directory (default `.cluster/`, ignored by git and by the job
 upload): `state.json` (pids, ports, addresses), logs, `mlflow.db` (the sqlite backend store) and
@@ -36,333 +36,22 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-HOST = "127.0.0.1"
+from cluster.processes import (  # noqa: F401 - free_port: benchmarks/preprocess.py imports it here
+    HOST,
+    ClusterError,
+    alive,
+    free_port,
+    kill_raylet,
+    stop_session,
+)
+from cluster.services import alive_nodes, start_head, start_mlflow, start_worker
+
 DEFAULT_DIR = ".cluster"
 STATE = "state.json"
-BIN = Path(sys.executable).parent
-
-
-class ClusterError(RuntimeError):
-    """The stack cannot start or stop; the message says why and what to do."""
-
-
-# --------------------------------------------------------------------------- processes
-def free_port(host: str = HOST) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def port_in_use(port: int, host: str = HOST) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
-
-
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of every process started here.
-
-    - PATH starts with this interpreter's bin: the job entrypoint (`python workflow.py ...`)
-      runs in the raylet's environment, so `python` there is this venv's python.
-    - RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: on SIGTERM a Ray node would otherwise wait up to
-      30 s to drain; `down` stops the whole cluster, so there is nothing to drain to.
-    - RAY_AUTH_MODE=token: the cluster requires Ray's auth token (see `use_token_auth`).
-    """
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
-    env["RAY_AUTH_MODE"] = "token"  # explicit, whatever this Ray version's default is
-    env.pop("RAY_ADDRESS", None)  # `ray start --head` must not attach to another cluster
-    env.update(extra or {})
-    return env
-
-
-def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> int:
-    """Start `cmd` as the leader of a new session, output to `log`; returns its pid."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env or child_env(),
-                                start_new_session=True)
-    return proc.pid
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(comm, session id) of a live process, None when it is gone or a zombie."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    comm = raw[raw.index("(") + 1:raw.rindex(")")]
-    fields = raw[raw.rindex(")") + 2:].split()
-    if fields[0] == "Z":  # exited, waiting for its parent to reap it
-        return None
-    return comm, int(fields[3])  # fields: state ppid pgrp session ...
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
-    except OSError:
-        return ""
-
-
-def session_members(sid: int) -> list[int]:
-    """Live processes of session `sid`. While any exists, Linux does not reuse `sid` as a pid,
-    so these are the processes the leader started (or their children)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            st = _proc_stat(int(entry.name))
-            if st and st[1] == sid:
-                out.append(int(entry.name))
-    return out
-
-
-def alive(pid: int) -> bool:
-    return _proc_stat(pid) is not None
-
-
-def stop_session(pid: int, marker: str, timeout: float = 15.0) -> list[int]:
-    """Stop the session led by `pid` (SIGTERM, then SIGKILL after `timeout`).
-
-    `marker` must appear in the leader's command line: a leader pid that now belongs to
-    another program (pid reuse after a reboot) is left alone. Returns the pids signalled."""
-    if alive(pid) and marker not in _cmdline(pid):
-        return []
-    members = session_members(pid)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for p in session_members(pid):
-            try:
-                os.kill(p, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 10)
-        while session_members(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not session_members(pid):
-            break
-    _reap(pid)
-    return members
-
-
-def _reap(pid: int) -> None:
-    """Collect the exit status when the leader is our own child (tests), else nothing."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-
-
-def kill_raylet(node: dict) -> int:
-    """SIGKILL the raylet of `node`: to the cluster this is a lost node (its workers die
-    with it and `ray start --block` stops the rest). Returns the raylet's pid."""
-    for p in session_members(node["pid"]):
-        st = _proc_stat(p)
-        if st and st[0] == "raylet":
-            os.kill(p, signal.SIGKILL)
-            return p
-    raise ClusterError(f"no raylet in the session of pid {node['pid']}: node not running")
-
-
-def _tail(log: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _wait(what: str, ready, pid: int, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ready():
-            return
-        if not alive(pid):
-            raise ClusterError(f"{what} exited while starting; last lines of {log}:\n"
-                               f"{_tail(log)}")
-        time.sleep(0.5)
-    stop_session(pid, marker="")
-    raise ClusterError(f"{what} not ready after {timeout:.0f} s (stopped it); last lines "
-                       f"of {log}:\n{_tail(log)}")
-
-
-# --------------------------------------------------------------------------- Ray
-def use_token_auth() -> None:
-    """Token authentication for the cluster and for this process's Ray clients.
-
-    The token is Ray's own (~/.ray/auth_token, or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH); one
-    is generated there when none exists. It is never printed. Clients (JobSubmissionClient,
-    the state API, `ray job submit`) send it only when RAY_AUTH_MODE=token in their process.
-    """
-    from ray._private.authentication import authentication_token_setup as tokens
-    from ray._raylet import AuthenticationTokenLoader, Config
-
-    if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
-        tokens.generate_and_save_token()
-    if os.environ.get("RAY_AUTH_MODE") != "token":
-        os.environ["RAY_AUTH_MODE"] = "token"
-        Config.initialize("")  # Ray caches the mode; re-read it from the environment
-
-
-def short_temp_dir(prefix: str) -> str:
-    """A Ray temp dir: short, since Ray's socket paths under it must fit in 107 bytes."""
-    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
-
-
-def _ray_common(temp_dir: str, num_cpus: int | None, num_gpus: int | None,
-                object_store_mb: int | None, resources: dict | None) -> list[str]:
-    # The node name (the temp dir's name, unique) is how `wait_node` finds this node.
-    cmd = ["--block", "--temp-dir", temp_dir, "--node-name", Path(temp_dir).name,
-           "--disable-usage-stats",
-           # The agent's default port (52365) is fixed: a second node on the same machine
-           # (or anyone else's Ray) would collide, so each node gets a free one.
-           "--dashboard-agent-listen-port", str(free_port())]
-    if num_cpus is not None:
-        cmd += ["--num-cpus", str(num_cpus)]
-    if num_gpus is not None:
-        cmd += ["--num-gpus", str(num_gpus)]
-    if object_store_mb:
-        cmd += ["--object-store-memory", str(object_store_mb * 2**20)]
-    if resources:
-        cmd += ["--resources", json.dumps(resources)]
-    return cmd
-
-
-def dashboard_ready(url: str) -> bool:
-    """The Jobs API answers (JobSubmissionClient sends the cluster's auth token itself)."""
-    from ray.job_submission import JobSubmissionClient
-
-    use_token_auth()
-    try:
-        JobSubmissionClient(url).get_version()
-        return True
-    except Exception:  # not listening yet, or starting: retried by the caller
-        return False
-
-
-def alive_nodes(dashboard_url: str) -> list[dict]:
-    """ALIVE nodes of the cluster, from the state API behind the dashboard."""
-    from ray.util.state import list_nodes
-
-    use_token_auth()
-    nodes = list_nodes(address=dashboard_url, filters=[("state", "=", "ALIVE")],
-                       raise_on_missing_output=False)
-    return [{"node_id": n.node_id, "name": n.node_name, "ip": n.node_ip,
-             "head": n.is_head_node, "resources": n.resources_total} for n in nodes]
-
-
-def _node_alive(dashboard_url: str, name: str) -> bool:
-    try:
-        return any(n["name"] == name for n in alive_nodes(dashboard_url))
-    except Exception:  # the state API is not up yet
-        return False
-
-
-def wait_nodes(dashboard_url: str, count: int, timeout: float = 120.0) -> list[dict]:
-    """Wait until the cluster has exactly `count` ALIVE nodes (after a start, or after a
-    node was lost: the head notices a dead raylet within its health-check period)."""
-    deadline = time.monotonic() + timeout
-    nodes: list[dict] = []
-    while time.monotonic() < deadline:
-        try:
-            nodes = alive_nodes(dashboard_url)
-        except Exception:  # the state API is not up yet
-            nodes = []
-        if len(nodes) == count:
-            return nodes
-        time.sleep(1.0)
-    raise ClusterError(f"expected {count} ALIVE Ray nodes, found {len(nodes)} after "
-                       f"{timeout:.0f} s")
-
-
-def start_head(state_dir: Path, *, port: int = 6379, dashboard_port: int = 8265,
-               host: str = HOST, num_cpus: int | None = None, num_gpus: int | None = None,
-               object_store_mb: int | None = None, resources: dict | None = None,
-               env: dict[str, str] | None = None, timeout: float = 120.0) -> dict:
-    """`ray start --head --block` with the dashboard on host:dashboard_port; waits until the
-    Jobs API answers and the head node is ALIVE. `env`: extra environment (e.g. Ray system
-    config such as RAY_health_check_period_ms). Returns the node record kept in state.json."""
-    for p, what in ((port, "--ray-port"), (dashboard_port, "--dashboard-port")):
-        if 10002 <= p <= 19999:  # Ray's default worker port range
-            raise ClusterError(f"{what} {p} is inside Ray's worker port range 10002-19999")
-        if port_in_use(p):
-            raise ClusterError(f"port {p} is in use (another Ray or server?): pass a free "
-                               f"{what}, e.g. {what} {free_port()}")
-    use_token_auth()
-    temp_dir = short_temp_dir("ray-head-")
-    log = state_dir / "logs" / "ray-head.log"
-    cmd = [str(BIN / "ray"), "start", "--head", "--port", str(port),
-           "--dashboard-host", host, "--dashboard-port", str(dashboard_port),
-           "--include-dashboard", "true",
-           *_ray_common(temp_dir, num_cpus, num_gpus, object_store_mb, resources)]
-    pid = spawn(cmd, log, child_env(env))
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{dashboard_port}"
-    name = Path(temp_dir).name
-    _wait("ray head", lambda: dashboard_ready(url) and _node_alive(url, name), pid, log,
-          timeout)
-    return {"role": "head", "pid": pid, "temp_dir": temp_dir, "name": name, "log": str(log),
-            "gcs_address": f"127.0.0.1:{port}", "dashboard_url": url}
-
-
-def start_worker(state_dir: Path, gcs_address: str, dashboard_url: str, *,
-                 num_cpus: int | None = None, num_gpus: int | None = None,
-                 object_store_mb: int | None = None, resources: dict | None = None,
-                 env: dict[str, str] | None = None, timeout: float = 120.0) -> dict:
-    """`ray start --address HEAD --block`: one more raylet (a node) joins the cluster;
-    waits until the cluster lists it ALIVE."""
-    use_token_auth()
-    temp_dir = short_temp_dir("ray-node-")
-    name = Path(temp_dir).name
-    log = state_dir / "logs" / f"{name}.log"
-    cmd = [str(BIN / "ray"), "start", "--address", gcs_address,
-           *_ray_common(temp_dir, num_cpus, num_gpus, object_store_mb, resources)]
-    pid = spawn(cmd, log, child_env(env))
-    _wait(f"ray worker node {name}", lambda: _node_alive(dashboard_url, name), pid, log,
-          timeout)
-    return {"role": "worker", "pid": pid, "temp_dir": temp_dir, "name": name, "log": str(log)}
-
-
-# --------------------------------------------------------------------------- MLflow
-def mlflow_ready(uri: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
-def start_mlflow(state_dir: Path, *, port: int = 5000, host: str = HOST, workers: int = 1,
-                 allowed_hosts: str | None = None, timeout: float = 120.0) -> dict:
-    """`mlflow server` with a sqlite backend store and proxied artifacts (`--serve-artifacts`):
-    clients (Ray workers included) upload and download artifacts through the server, so
-    they need no credentials for the artifact store; only the server does."""
-    if port_in_use(port):
-        raise ClusterError(f"port {port} is in use: pass a free --mlflow-port, e.g. "
-                           f"--mlflow-port {free_port()}")
-    state_dir.mkdir(parents=True, exist_ok=True)
-    backend = f"sqlite:///{(state_dir / 'mlflow.db').resolve()}"
-    artifacts = str((state_dir / "mlartifacts").resolve())
-    log = state_dir / "logs" / "mlflow.log"
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", backend,
-           "--serve-artifacts", "--artifacts-destination", artifacts,
-           "--host", host, "--port", str(port), "--workers", str(workers)]
-    if allowed_hosts:
-        cmd += ["--allowed-hosts", allowed_hosts]
-    pid = spawn(cmd, log)
-    uri = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    _wait("mlflow server", lambda: mlflow_ready(uri), pid, log, timeout)
-    return {"pid": pid, "uri": uri, "backend_store_uri": backend,
-            "artifacts_destination": artifacts, "log": str(log)}
 
 
 # --------------------------------------------------------------------------- state + CLI
@@ -402,8 +91,8 @@ def stop_all(state: dict) -> dict[str, tuple[int, float]]:
         if node["role"] == "head":
             timed("head", stop_node, node)
     if state.get("mlflow"):
-        m = state["mlflow"]
-        timed("mlflow", stop_session, m["pid"], marker=m["artifacts_destination"])
+        server = state["mlflow"]
+        timed("mlflow", stop_session, server["pid"], marker=server["artifacts_destination"])
     return stopped
 
 
@@ -495,16 +184,16 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def _print_status(state: dict) -> None:
-    for n in state.get("nodes", []):
-        extra = f"  dashboard {n['dashboard_url']}  gcs {n['gcs_address']}" \
-            if n["role"] == "head" else ""
-        print(f"ray {n['role']:<7} pid {n['pid']:<8} {'up' if alive(n['pid']) else 'DOWN':<5}"
-              f"{extra}  log {n['log']}")
+    for node in state.get("nodes", []):
+        extra = f"  dashboard {node['dashboard_url']}  gcs {node['gcs_address']}" \
+            if node["role"] == "head" else ""
+        print(f"ray {node['role']:<7} pid {node['pid']:<8} "
+              f"{'up' if alive(node['pid']) else 'DOWN':<5}{extra}  log {node['log']}")
     if state.get("mlflow"):
-        m = state["mlflow"]
-        print(f"mlflow       pid {m['pid']:<8} {'up' if alive(m['pid']) else 'DOWN':<5}"
-              f"  {m['uri']}  backend {m['backend_store_uri']}  artifacts "
-              f"{m['artifacts_destination']}")
+        server = state["mlflow"]
+        print(f"mlflow       pid {server['pid']:<8} {'up' if alive(server['pid']) else 'DOWN':<5}"
+              f"  {server['uri']}  backend {server['backend_store_uri']}  artifacts "
+              f"{server['artifacts_destination']}")
     head = next((n for n in state.get("nodes", []) if n["role"] == "head"), None)
     if head and alive(head["pid"]):
         try:

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster import local as L
+from cluster import local, processes, services
 
 REPO = Path(__file__).resolve().parent.parent
 JOB_TIMEOUT = 900  # s; a job past this is stopped and the test fails (2 shared cores)
@@ -105,26 +105,26 @@ def listening_hosts(port: int) -> set[str]:
 def stack(tmp_path_factory):
     """MLflow server + Ray head + one more raylet, started by `python -m cluster up`, each
     on free ports; stopped by `python -m cluster down`; then nothing of it may be left."""
-    L.use_token_auth()  # this process's Jobs/state API clients send the cluster token
+    services.use_token_auth()  # this process's Jobs/state API clients send the cluster token
     state_dir = tmp_path_factory.mktemp("stack")
-    ports = {"dashboard": L.free_port(), "ray": L.free_port(), "mlflow": L.free_port()}
+    ports = {"dashboard": processes.free_port(), "ray": processes.free_port(), "mlflow": processes.free_port()}
     up = cluster_cli(state_dir, "up", "--dashboard-port", str(ports["dashboard"]),
                      "--ray-port", str(ports["ray"]), "--mlflow-port", str(ports["mlflow"]),
                      "--num-cpus", "2", "--extra-nodes", "1", "--worker-cpus", "2",
                      "--object-store-mb", "200")
     try:
         assert up.returncode == 0, f"cluster up failed:\n{up.stdout}\n{up.stderr}"
-        state = L.load_state(state_dir)
+        state = local.load_state(state_dir)
         head = state["nodes"][0]
         yield {"dir": state_dir, "url": head["dashboard_url"], "mlflow": state["mlflow"],
                "ports": ports, "up_output": up.stdout + up.stderr}
     finally:
-        state = L.load_state(state_dir)
+        state = local.load_state(state_dir)
         leaders = [n["pid"] for n in state.get("nodes", [])]
         leaders += [state["mlflow"]["pid"]] if state.get("mlflow") else []
         down = cluster_cli(state_dir, "down", timeout=180)
-        left = {pid: L.session_members(pid) for pid in leaders if L.session_members(pid)}
-        L.stop_all(state)  # a no-op when `down` did its job; never leaves processes behind
+        left = {pid: processes.session_members(pid) for pid in leaders if processes.session_members(pid)}
+        local.stop_all(state)  # a no-op when `down` did its job; never leaves processes behind
         assert down.returncode == 0, down.stdout + down.stderr
         assert not left, f"processes left after `cluster down`: {left}"
         assert not any(Path(n["temp_dir"]).exists() for n in state.get("nodes", []))
@@ -154,7 +154,7 @@ def test_jobs_on_two_node_cluster(stack, shards):
 
     url, mlflow_uri = stack["url"], stack["mlflow"]["uri"]
     client = JobSubmissionClient(url)
-    nodes = L.alive_nodes(url)
+    nodes = services.alive_nodes(url)
     assert len(nodes) == 2 and sum(n["head"] for n in nodes) == 1
 
     # Dashboard and tracking server listen on the loopback interface only.
@@ -226,7 +226,7 @@ def test_node_loss_mid_training_recovers(stack, shards):
 
     url, mlflow_uri, state_dir = stack["url"], stack["mlflow"]["uri"], stack["dir"]
     client = JobSubmissionClient(url)
-    if len(L.alive_nodes(url)) != 2:  # the stack is shared with the test above
+    if len(services.alive_nodes(url)) != 2:  # the stack is shared with the test above
         assert cluster_cli(state_dir, "add-node", "--num-cpus", "2").returncode == 0
     epochs = 4
     job_id = client.submit_job(
@@ -251,7 +251,7 @@ def test_node_loss_mid_training_recovers(stack, shards):
 
     killed = cluster_cli(state_dir, "kill-node")
     assert killed.returncode == 0, killed.stderr
-    L.wait_nodes(url, 1, timeout=120)  # the head has declared the node dead
+    services.wait_nodes(url, 1, timeout=120)  # the head has declared the node dead
     assert not client.get_job_status(job_id).is_terminal()
     added = cluster_cli(state_dir, "add-node", "--num-cpus", "2", "--object-store-mb", "200")
     assert added.returncode == 0, added.stdout + added.stderr
@@ -326,24 +326,24 @@ def test_working_dir_upload_of_this_checkout_is_small(tmp_path):
 def test_stop_session_stops_its_own_processes_only(tmp_path):
     log = tmp_path / "s.log"
     # A leader with children and a grandchild, as `ray start --block` has.
-    leader = L.spawn(["bash", "-c", "sleep 300 & (sleep 300 & wait) & wait"], log,
+    leader = processes.spawn(["bash", "-c", "sleep 300 & (sleep 300 & wait) & wait"], log,
                      {"PATH": os.environ["PATH"]})
     bystander = subprocess.Popen(["sleep", "300"])  # not in the session: must survive
     try:
         deadline = time.monotonic() + 10
-        while len(L.session_members(leader)) < 4 and time.monotonic() < deadline:
+        while len(processes.session_members(leader)) < 4 and time.monotonic() < deadline:
             time.sleep(0.1)
-        members = L.session_members(leader)
+        members = processes.session_members(leader)
         assert len(members) >= 4
-        assert L.stop_session(leader, marker="a marker not in its command line") == []
-        assert L.session_members(leader) == members  # pid-reuse guard: nothing signalled
-        assert sorted(L.stop_session(leader, marker="sleep 300", timeout=5)) == sorted(members)
-        assert L.session_members(leader) == []
+        assert processes.stop_session(leader, marker="a marker not in its command line") == []
+        assert processes.session_members(leader) == members  # pid-reuse guard: nothing signalled
+        assert sorted(processes.stop_session(leader, marker="sleep 300", timeout=5)) == sorted(members)
+        assert processes.session_members(leader) == []
         assert bystander.poll() is None
     finally:
         bystander.kill()
         bystander.wait()
-        for pid in L.session_members(leader):
+        for pid in processes.session_members(leader):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -355,7 +355,7 @@ def test_cluster_cli_refuses_busy_ports_and_worker_port_range(tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         r = cluster_cli(tmp_path, "up", "--no-mlflow", "--dashboard-port", str(port),
-                        "--ray-port", str(L.free_port()), timeout=60)
+                        "--ray-port", str(processes.free_port()), timeout=60)
     assert r.returncode == 2 and f"port {port} is in use" in r.stderr
     r = cluster_cli(tmp_path, "up", "--no-mlflow", "--ray-port", "12345", timeout=60)
     assert r.returncode == 2 and "worker port range" in r.stderr

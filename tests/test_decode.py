@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from pipelines.config import PreprocessConfig
+from pipelines.data import shards
 from pipelines.data.decode import (
     MAX_PIXELS,
     DecodeError,
@@ -34,7 +35,6 @@ from pipelines.data.decode import (
     rescale,
 )
 from pipelines.data.preprocess import process_batch, run_preprocess
-from pipelines.data.shards import QUARANTINE, decode_image, split_readers
 
 Image = pytest.importorskip("PIL.Image")  # Pillow writes the CMYK and EXIF fixtures
 REPO = Path(__file__).resolve().parent.parent
@@ -217,7 +217,10 @@ def test_broken_files_get_reasons():
         good[:40]: "truncated JPEG",
         png_bytes(reference_rgb())[:200]: "corrupt or truncated PNG",
         b"\x89PNG\r\n\x1a\n\0\0": "truncated PNG",
-        b"\xff\xd8\xff\xdb\x00\x04\x00\x00\xff\xda": "no frame header",
+        # A quantization table, then the scan, and no frame header (SOF) between them.
+        b"\xff\xd8\xff\xdb\x00\x43\x00" + bytes(64) + b"\xff\xda\x00\x02\x00\xff\xd9":
+            "no frame header",
+        b"\xff\xd8\xff\xdb\x00\x04\x00\x00\xff\xda": "corrupt JPEG header",  # a 2-byte table
     }
     for data, reason in cases.items():
         with pytest.raises(DecodeError, match=reason.replace("(", r"\(").replace(")", r"\)")):
@@ -227,7 +230,8 @@ def test_broken_files_get_reasons():
 @pytest.mark.parametrize("make", [png_bomb, jpeg_bomb], ids=["png", "jpeg"])
 def test_decompression_bombs_rejected_from_the_header_alone(make):
     data = make()
-    header = read_header(data[:200])  # the header is in the first bytes: nothing else is read
+    # The header is in the first bytes (a JPEG's markers up to its scan): nothing else is read.
+    header = read_header(data[:1024])
     assert header.width * header.height > MAX_PIXELS
     with pytest.raises(DecodeError, match="decompression bomb.*65000x65000.*not decoded"):
         decode_rgb(data)
@@ -239,6 +243,17 @@ def test_decompression_bombs_rejected_from_the_header_alone(make):
         decode_rgb(make(20000, 20000))
     assert time.perf_counter() - started < 0.5
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000  # KiB
+
+
+def test_webp_bomb_rejected_from_the_header():
+    """A lossless WebP whose header claims 16383x16383: Pillow's WebP plugin refuses it before
+    libwebp sizes a canvas; the reason says so like any other bomb."""
+    data = bytearray(cv2.imencode(".webp", reference_rgb(50, 70), [cv2.IMWRITE_WEBP_QUALITY, 101])[1])
+    assert data[12:16] == b"VP8L"
+    bits = int.from_bytes(data[21:25], "little") & ~(2 ** 28 - 1)
+    data[21:25] = (bits | 16382 | 16382 << 14).to_bytes(4, "little")  # sides minus one
+    with pytest.raises(DecodeError, match="decompression bomb: WEBP"):
+        decode_rgb(bytes(data))
 
 
 def test_unreadable_files_become_reasons(tmp_path):
@@ -331,7 +346,7 @@ def test_every_bad_kind_through_preprocess(ray_local, tiny_source, tmp_path):
     out = tmp_path / "out"
     manifest = run_preprocess(PreprocessConfig(source=str(src), out=str(out), resize=64,
                                                batch_size=8))
-    quarantine = [json.loads(x) for x in (out / QUARANTINE).read_text().splitlines()]
+    quarantine = [json.loads(x) for x in (out / shards.QUARANTINE).read_text().splitlines()]
     reasons = {Path(q["path"]).name: q["reason"] for q in quarantine}
     assert set(reasons) == set(rejected) | {"dangling.JPEG", "x.JPEG"}
     for name, (_, reason) in rejected.items():
@@ -341,12 +356,12 @@ def test_every_bad_kind_through_preprocess(ray_local, tiny_source, tmp_path):
     train = manifest["splits"]["train"]
     assert train["quarantined"] == len(reasons) and train["records"] == 40 + len(accepted)
     assert train["listed"] == train["records"] + train["quarantined"]
-    records = {Path(r.path).name: r for rd in split_readers(out, manifest, "train")
+    records = {Path(r.path).name: r for rd in shards.split_readers(out, manifest, "train")
                for r in (rd[i] for i in range(len(rd)))}
     assert set(accepted) <= set(records)
     for name in ("cmyk.JPEG", "ycck.JPEG"):
         want = rescale(rgb, 64)
-        assert _mean_error(decode_image(records[name]), want) < 3
+        assert _mean_error(shards.decode_image(records[name]), want) < 3
 
 
 def test_pixel_moments_are_exact_integers():

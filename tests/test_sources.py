@@ -1,5 +1,5 @@
 """Source layouts: ImageNet, ImageFolder, images lists and CIFAR batches; auto detection; the
-pickle-free CIFAR reader; listing without a stat per file. Mostly no Ray; the CIFAR and
+restricted CIFAR unpickler; listing without a stat per file. Mostly no Ray; the CIFAR and
 images-list tests run the real pipeline.
 
     pytest tests/test_sources.py
@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 
 from pipelines.config import PreprocessConfig
+from pipelines.data import shards
+from pipelines.data.cifar import read_pickle_safely
 from pipelines.data.preprocess import run_preprocess
-from pipelines.data.shards import decode_image, split_readers
 from pipelines.data.sources import (
     ListLine,
     SourceError,
     detect_layout,
     list_source,
     read_images_list,
-    read_pickle_safely,
 )
 
 
@@ -175,6 +175,53 @@ def test_safe_reader_refuses_code_and_executes_nothing(tmp_path):
         read_pickle_safely(b"\x80\x02}q\x01(U\x04data")  # truncated stream
 
 
+class _Eval:
+    def __reduce__(self):
+        return (eval, ("__import__('os').system('touch /tmp/evil-cifar-ran')",))
+
+
+class _Exec:
+    def __reduce__(self):
+        return (exec, ("open('/tmp/evil-cifar-ran', 'w').close()",))
+
+
+@pytest.mark.parametrize("payload", [
+    pickle.dumps({"data": _Evil()}, protocol=0),
+    pickle.dumps({"data": _Eval()}, protocol=2),
+    pickle.dumps([_Exec()], protocol=5),
+    # A Python 2 batch naming __builtin__.eval (pickle maps it to builtins.eval).
+    b"\x80\x02c__builtin__\neval\nq\x00U\x1f__import__('os').getcwd() and 1\x85R.",
+    # An allowed module with a name CIFAR does not use.
+    b"\x80\x02cnumpy\nload\nU\x05/etc/\x85R.",
+], ids=["os.system-proto0", "builtins.eval", "builtins.exec-proto5", "py2-eval", "numpy.load"])
+def test_restricted_unpickler_refuses_every_other_global(payload):
+    """Each payload runs its code under pickle.loads; the CIFAR reader refuses it, with the
+    same error, before anything is looked up."""
+    marker = Path("/tmp/evil-cifar-ran")
+    marker.unlink(missing_ok=True)
+    with pytest.raises(SourceError, match="data_batch_1: refers to .*, which a CIFAR batch "
+                                          "never does; refusing to load it"):
+        read_pickle_safely(payload, "data_batch_1")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("payload", [
+    # numpy.ndarray((1,), "O", 8 bytes): an object array whose pointers are the bytes.
+    b"\x80\x02cnumpy\nndarray\nK\x01\x85X\x01\x00\x00\x00OC\x08" + b"\x01" * 8 + b"\x87R.",
+    # The same through protocol 5's _frombuffer(buffer, "O", (1,), "C").
+    b"\x80\x02cnumpy._core.numeric\n_frombuffer\n(C\x08" + b"\x01" * 8
+    + b"X\x01\x00\x00\x00OK\x01\x85X\x01\x00\x00\x00CtR.",
+    # A real int64 array pickle with its dtype changed to object ("O8").
+    pickle.dumps(np.array([1], np.int64), protocol=2).replace(b"X\x02\x00\x00\x00i8",
+                                                              b"X\x02\x00\x00\x00O8"),
+], ids=["ndarray-call", "frombuffer-object", "object-dtype"])
+def test_numpy_globals_take_plain_numbers_only(payload):
+    """The numpy functions a batch may name cannot be turned into object arrays made of the
+    pickle's bytes (which crash the process, or worse)."""
+    with pytest.raises(SourceError, match="not a plain number type|numpy.ndarray itself"):
+        read_pickle_safely(payload, "data_batch_1")
+
+
 def test_cifar10_and_cifar100_listing(tmp_path):
     c10 = make_cifar10(tmp_path / "a")
     assert detect_layout(tmp_path / "a")[0] == "cifar"  # the folder holding the download
@@ -199,11 +246,11 @@ def test_cifar_through_the_pipeline_keeps_exact_pixels(ray_local, tmp_path):
     assert manifest["layout"] == "cifar"
     assert manifest["splits"]["train"]["records"] == 12
     assert manifest["splits"]["val"]["records"] == 6
-    records = [r[i] for r in split_readers(out, manifest, "train") for i in range(len(r))]
+    records = [r[i] for r in shards.split_readers(out, manifest, "train") for i in range(len(r))]
     for rec in records:  # raw 32x32 records are the batch's pixels, HWC
         batch, index = rec.path.split("/")
         want = cifar_pixels(6, int(batch[-1]) - 1)[int(index)].reshape(3, 32, 32)
-        np.testing.assert_array_equal(decode_image(rec), want.transpose(1, 2, 0))
+        np.testing.assert_array_equal(shards.decode_image(rec), want.transpose(1, 2, 0))
         assert rec.label == ((int(batch[-1]) - 1) * 6 + int(index)) % 10
 
 

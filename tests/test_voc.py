@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from pipelines.config import PreprocessConfig
+from pipelines.data import shards
 from pipelines.data.preprocess import run_preprocess
-from pipelines.data.shards import QUARANTINE, Record, decode_image, split_readers
 from pipelines.data.sources import SourceError, detect_layout, list_source
 
 # Written out, not imported: the test states VOC's order itself.
@@ -193,8 +193,8 @@ def test_hostile_xml_is_refused_not_expanded(tmp_path):
 
 
 # --------------------------------------------------------------------------- pipeline
-def _records(out: Path, manifest: dict, split: str) -> list[Record]:
-    return [r[i] for r in split_readers(out, manifest, split) for i in range(len(r))]
+def _records(out: Path, manifest: dict, split: str) -> list[shards.Record]:
+    return [r[i] for r in shards.split_readers(out, manifest, split) for i in range(len(r))]
 
 
 def test_preprocess_default_reading_records_and_manifest(ray_local, voc, tmp_path):
@@ -208,7 +208,7 @@ def test_preprocess_default_reading_records_and_manifest(ray_local, voc, tmp_pat
     labels = {r.path: r.label for r in _records(out, manifest, "train")}
     assert labels == {"JPEGImages/2007_000001.jpg": VOC_ORDER.index("person"),
                       "JPEGImages/2007_000002.jpg": VOC_ORDER.index("cat")}
-    lines = [json.loads(x) for x in (out / QUARANTINE).read_text().splitlines()]
+    lines = [json.loads(x) for x in (out / shards.QUARANTINE).read_text().splitlines()]
     assert len(lines) == 7 and all(q["reason"] for q in lines)
 
 
@@ -236,8 +236,8 @@ def test_preprocess_voc_objects_crops_each_object_with_a_margin(ray_local, voc, 
     assert (person.width, person.height) == (22, 16)
     # The crops hold the objects: the person and the cat were painted red.
     for rec in (person, records["JPEGImages/2007_000002.jpg#obj1"]):
-        rgb = decode_image(rec).reshape(-1, 3).astype(float)
+        rgb = shards.decode_image(rec).reshape(-1, 3).astype(float)
         assert (np.abs(rgb - RED).max(axis=1) < 40).mean() > 0.6, rec.path
-    reasons = _reasons([json.loads(x) for x in (out / QUARANTINE).read_text().splitlines()])
+    reasons = _reasons([json.loads(x) for x in (out / shards.QUARANTINE).read_text().splitlines()])
     assert "lies outside the decoded 60x40 photo" in reasons["JPEGImages/2007_000002.jpg#obj2"]
     assert "lies outside the 60x40 image" in reasons["JPEGImages/2007_000004.jpg#obj1"]

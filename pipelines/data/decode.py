@@ -3,11 +3,12 @@
 Used by preprocessing and batch inference inside Ray Data tasks; tests: `pytest tests/test_decode.py`.
 
 Order of work for one file's bytes (`decode_rgb`):
-  1. `read_header` parses the container header only (JPEG SOF, PNG IHDR, GIF, BMP, WebP,
-     TIFF, PNM) for the format, width, height and JPEG component count. Nothing is decoded
-     yet, so empty files, HTML error pages, unknown formats and decompression bombs (a header
-     claiming 65000x65000) are rejected here, before any pixel buffer is allocated. Bytes are
-     handed to a decoder only after their header was read and the dimensions accepted.
+  1. `read_header` reads the container header only, with Pillow's lazy open (JPEG, PNG, GIF,
+     BMP, WebP, TIFF, PNM): format, width, height, mode and the JPEG component count and Adobe
+     marker. Nothing is decoded yet, so empty files, HTML error pages, unknown formats and
+     decompression bombs (a header claiming 65000x65000) are rejected here, before any pixel
+     buffer is allocated. Bytes are handed to a decoder only after their header was read and
+     the dimensions accepted.
   2. JPEG (the bulk of ImageNet): OpenCV's libjpeg-turbo, which is among the fastest decoders
      on pip. When the shorter side is at least 2x/4x/8x the target size, libjpeg decodes
      straight to 1/2, 1/4 or 1/8 size in the DCT domain (IMREAD_REDUCED_COLOR_n), which skips
@@ -29,28 +30,42 @@ saw. Batch inference calls the same function, so training and serving agree eith
 
 from __future__ import annotations
 
-import struct
+import io
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from PIL import (  # noqa: F401 - importing a plugin registers its format in Image.OPEN
+    BmpImagePlugin,
+    GifImagePlugin,
+    Image,
+    JpegImagePlugin,
+    PngImagePlugin,
+    PpmImagePlugin,
+    TiffImagePlugin,
+    WebPImagePlugin,
+)
 
 # The decoders' own threads fight Ray's one-task-per-core scheduling; one thread a task.
 cv2.setNumThreads(1)
 
 # Refuse images whose pixel count would need more than ~540 MB once decoded as RGB: a header
-# claiming 65000x65000 is a decompression bomb, not a photo. Same limit as Pillow's error
-# threshold; the largest ILSVRC-2012 image is far below it.
+# claiming 65000x65000 is a decompression bomb, not a photo. The number of Pillow's default
+# error threshold (2 x Image.MAX_IMAGE_PIXELS), held here rather than read from Pillow, whose
+# own check read_header bypasses (see there); the largest ILSVRC-2012 image is far below it.
 MAX_PIXELS = 178_956_970
-# With --no-center-crop the longer side is kept; refuse rescaled images longer than this many
-# times the target (a 1x5000 strip rescaled to 256 would be a 1.3-million-pixel-long row).
-MAX_ASPECT = 16
+# The widest aspect ratio (longer : shorter side) accepted wherever the longer side is kept
+# after rescaling: `rescale(..., center_crop=False)` (preprocess --no-center-crop) and
+# serving's single centre crop (pipelines/serve/predict.py), which must agree since serving
+# reproduces preprocessing. The limit is memory, not taste: rescaled to a shorter side of 256,
+# 64:1 is a 256x16384 image (12 MB as RGB), while a 1x100000 banner would be 256x25600000
+# (~20 GB). 64 keeps real photos, wide panoramas included (some pass 16:1, the old limit).
+MAX_ASPECT = 64
 # An object crop (preprocess --voc-objects) keeps this fraction of the box's side around the
 # box on each side, clipped to the photo: a little context, as detection-to-classification
 # crops usually keep, so the object's edges are not cut by a box drawn a pixel tight.
 BOX_MARGIN = 0.08
 
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 # libjpeg writes RGB straight out (IMREAD_COLOR_RGB): no BGR->RGB pass afterwards; a BGR decode
 # plus a numpy [:, :, ::-1] copy measured 2.3 ms against 0.8 ms for a 600x400 JPEG.
 _RGB = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
@@ -67,11 +82,17 @@ class ImageHeader:
     format: str           # jpeg, png, gif, bmp, webp, tiff, pnm
     width: int
     height: int
+    mode: str = ""        # Pillow's mode: L, RGB, RGBA, CMYK, I;16, P, ...
     components: int = 0   # JPEG only: 1 gray, 3 YCbCr/RGB, 4 CMYK/YCCK
     adobe: bool = False   # JPEG only: has an Adobe APP14 marker
 
 
 # --------------------------------------------------------------------------- headers
+# The formats OpenCV decodes, by Pillow's plugin names, and the names this module reports.
+_FORMATS = {"JPEG": "jpeg", "PNG": "png", "GIF": "gif", "BMP": "bmp", "WEBP": "webp",
+            "TIFF": "tiff", "PPM": "pnm"}
+
+
 def _describe(data: bytes) -> str:
     head = data[:64].lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
@@ -85,114 +106,50 @@ def _describe(data: bytes) -> str:
     return f"not an image file: {kind}, starts with {bytes(data[:16])!r}"
 
 
-def _jpeg_header(data: bytes) -> ImageHeader:
-    i, n, adobe = 2, len(data), False
-    while i < n:
-        if data[i] != 0xFF:
-            raise DecodeError("corrupt JPEG: bad marker before the frame header")
-        while i < n and data[i] == 0xFF:  # fill bytes
-            i += 1
-        if i >= n:
-            break
-        marker = data[i]
-        i += 1
-        if marker in (0x01,) or 0xD0 <= marker <= 0xD7:  # no length field
-            continue
-        if marker in (0xD9, 0xDA):  # EOI or start of scan before any frame header
-            raise DecodeError("corrupt JPEG: no frame header (SOF) before the image data")
-        if i + 2 > n:
-            break
-        (length,) = struct.unpack_from(">H", data, i)
-        if marker == 0xEE and data[i + 2:i + 7] == b"Adobe":
-            adobe = True
-        if marker in _JPEG_SOF:
-            if i + 8 > n:
-                break
-            height, width, comps = struct.unpack_from(">HHB", data, i + 3)
-            return ImageHeader("jpeg", width, height, comps, adobe)
-        i += length
-    raise DecodeError("truncated JPEG: the file ends before its frame header")
-
-
-def _webp_header(data: bytes) -> ImageHeader:
-    chunk = data[12:16]
-    if chunk == b"VP8X" and len(data) >= 30:
-        w = int.from_bytes(data[24:27], "little") + 1
-        h = int.from_bytes(data[27:30], "little") + 1
-    elif chunk == b"VP8L" and len(data) >= 25:
-        bits = int.from_bytes(data[21:25], "little")
-        w, h = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-    elif chunk == b"VP8 " and len(data) >= 30:
-        w, h = (v & 0x3FFF for v in struct.unpack_from("<HH", data, 26))
-    else:
-        raise DecodeError("truncated or unsupported WebP header")
-    return ImageHeader("webp", w, h)
-
-
-def _tiff_header(data: bytes) -> ImageHeader:
-    end = "<" if data[:2] == b"II" else ">"
-    try:
-        (ifd,) = struct.unpack_from(end + "I", data, 4)
-        (count,) = struct.unpack_from(end + "H", data, ifd)
-        dims = {}
-        for k in range(count):
-            tag, typ, _, value = struct.unpack_from(end + "HHI4s", data, ifd + 2 + 12 * k)
-            if tag in (256, 257):  # ImageWidth, ImageLength: SHORT or LONG
-                dims[tag] = struct.unpack_from(end + ("H" if typ == 3 else "I"), value)[0]
-        return ImageHeader("tiff", dims[256], dims[257])
-    except (struct.error, KeyError):
-        raise DecodeError("truncated or corrupt TIFF header (no image width/length)") from None
-
-
-def _pnm_header(data: bytes) -> ImageHeader:
-    fields, i = [], 2
-    while len(fields) < 2 and i < min(len(data), 4096):
-        while i < len(data) and data[i:i + 1].isspace():
-            i += 1
-        if data[i:i + 1] == b"#":  # comment to end of line
-            while i < len(data) and data[i] not in (10, 13):
-                i += 1
-            continue
-        j = i
-        while j < len(data) and data[j:j + 1].isdigit():
-            j += 1
-        if j == i:
-            break
-        fields.append(int(data[i:j]))
-        i = j
-    if len(fields) < 2:
-        raise DecodeError("truncated or corrupt PNM header")
-    return ImageHeader("pnm", fields[0], fields[1])
+def _header_failure(name: str, exc: Exception, at_end: bool) -> str:
+    """The quarantine reason for a header Pillow could not read."""
+    if isinstance(exc, Image.DecompressionBombError):  # WebP's plugin checks for itself
+        return f"decompression bomb: {name} header: {exc}; not decoded"
+    if at_end:  # the parser ran out of bytes
+        return f"truncated {name}: the file ends inside its header"
+    if str(exc) == "not identified by this driver":  # the header gave no size
+        if name == "JPEG":
+            return "corrupt JPEG: no frame header (SOF) before the image data"
+        return f"corrupt {name}: its header gives no image size"
+    return f"corrupt {name} header: {exc}"
 
 
 def read_header(data: bytes) -> ImageHeader:
-    """Format and dimensions from the first bytes; raises DecodeError for anything that is not
-    a supported image. Never allocates more than the header it reads."""
+    """Format, dimensions, mode and JPEG colour details from the header alone; raises
+    DecodeError for anything that is not a supported image. Pillow reads the header lazily
+    (a JPEG's markers up to the scan, a PNG's chunks up to the pixel data): no pixel buffer
+    is allocated, whatever the header claims."""
     if len(data) == 0:
         raise DecodeError("empty file (0 bytes)")
-    if data[:3] == b"\xff\xd8\xff":
-        return _jpeg_header(data)
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        if len(data) < 24 or data[12:16] != b"IHDR":
-            raise DecodeError("truncated PNG: no IHDR header")
-        w, h = struct.unpack_from(">II", data, 16)
-        return ImageHeader("png", w, h)
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        if len(data) < 10:
-            raise DecodeError("truncated GIF header")
-        w, h = struct.unpack_from("<HH", data, 6)
-        return ImageHeader("gif", w, h)
-    if data[:2] == b"BM":
-        if len(data) < 26:
-            raise DecodeError("truncated BMP header")
-        w, h = struct.unpack_from("<ii", data, 18)
-        return ImageHeader("bmp", abs(w), abs(h))  # negative height = top-down rows
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return _webp_header(data)
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
-        return _tiff_header(data)
-    if data[:1] == b"P" and data[1:2] in b"123456" and len(data) > 2 and data[2:3].isspace():
-        return _pnm_header(data)
+    # Image.open without its bomb check: the plugin Image.open would pick, run as it runs it.
+    # Pillow's check raises DecompressionBombError above 2 x Image.MAX_IMAGE_PIXELS (a
+    # process-wide setting, 178,956,970 by default) with no dimensions in its message, and
+    # warns from half that. MAX_PIXELS (the same number, held here so that another library's
+    # setting cannot move it) is the limit that applies, in check_header, with the dimensions
+    # in the reason. Only the WebP plugin runs Pillow's check itself (before libwebp sizes its
+    # canvas); its error becomes a bomb reason too.
+    prefix = data[:16]  # what Image.open shows each format's accept function
+    for name, fmt in _FORMATS.items():
+        factory, accept = Image.OPEN[name]
+        verdict = accept(prefix)
+        if isinstance(verdict, str):  # Pillow built without this format's library
+            raise DecodeError(f"{name} header not readable: {verdict}")
+        if not verdict:
+            continue
+        stream = io.BytesIO(data)
+        try:
+            image = factory(stream, "")
+        except Exception as exc:  # noqa: BLE001 - any parser failure is a reason, not a crash
+            raise DecodeError(_header_failure(name, exc, stream.tell() >= len(data))) from None
+        width, height = image.size
+        if fmt != "jpeg":
+            return ImageHeader(fmt, width, height, image.mode)
+        return ImageHeader(fmt, width, height, image.mode, image.layers, "adobe" in image.info)
     raise DecodeError(_describe(data))
 
 

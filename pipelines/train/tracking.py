@@ -345,18 +345,24 @@ def top_confusions(matrix, classes: list[dict], k: int = 20) -> list[dict]:
 
 
 def image_grid(images, columns: int = 8, min_side: int = 96):
-    """uint8 [N, H, W, 3] -> one image, `columns` wide, with 2-pixel gaps. Crops smaller
-    than `min_side` (CIFAR's 32) are enlarged by an integer factor, pixels kept sharp."""
+    """uint8 [N, H, W, 3] -> one image, `columns` wide, with 2-pixel white gaps after each
+    crop. Crops smaller than `min_side` (CIFAR's 32) are enlarged by an integer factor,
+    pixels kept sharp."""
     import numpy as np
+    import torch
+    from torchvision.utils import make_grid
 
     images = np.asarray(images)
     factor = max(1, min_side // images.shape[1])
     if factor > 1:
         images = images.repeat(factor, axis=1).repeat(factor, axis=2)
-    n, h, w, _ = images.shape
+    n, h = len(images), images.shape[1]
     rows = -(-n // columns)
-    grid = np.full((rows * (h + 2), columns * (w + 2), 3), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, columns)
-        grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = img
-    return grid
+    # White cells fill the last row: make_grid narrows a grid of fewer crops than `columns`
+    # and returns a lone crop without gaps.
+    cells = max(rows * columns, 2)
+    white = np.full((cells - n, *images.shape[1:]), 255, np.uint8)
+    batch = torch.from_numpy(np.concatenate([images, white])).permute(0, 3, 1, 2)
+    grid = make_grid(batch, nrow=columns, padding=2, pad_value=255)
+    # make_grid puts a gap before each cell too; this grid has one only after each.
+    return np.ascontiguousarray(grid[:, 2:2 + rows * (h + 2), 2:].permute(1, 2, 0).numpy())
