@@ -40,11 +40,10 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.processes import (  # noqa: F401 - free_port: benchmarks/preprocess.py imports it here
+from cluster.processes import (
     HOST,
     ClusterError,
     alive,
-    free_port,
     kill_raylet,
     stop_session,
 )

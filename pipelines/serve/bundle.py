@@ -25,12 +25,6 @@ import numpy as np
 
 WEIGHTS, INFERENCE = "weights.pt", "inference.json"
 
-# An image whose rescaled size would exceed this many pixels is refused: a 1 x 100000
-# banner rescaled to a shorter side of 256 would need ~20 GB. 64 squares of the rescale
-# side allow any aspect ratio up to 64:1, far beyond real photos.
-MAX_RESCALED_SQUARES = 64
-
-
 def read_info(directory: str | os.PathLike) -> dict:
     """A bundle's inference.json."""
     path = Path(directory) / INFERENCE
@@ -53,13 +47,13 @@ def make_crops(rgb: np.ndarray, geom: tuple[int, int], ten_crop: bool) -> np.nda
     rescale the shorter side to `resize`, then the centre crop, or the paper's ten crops
     of the central resize x resize square (`alexnet.crops`, torchvision's order)."""
     from alexnet import crops
-    from pipelines.data.decode import rescale
+    from pipelines.data.decode import MAX_ASPECT, rescale
 
     resize, size = geom
     h, w = rgb.shape[:2]
-    if max(h, w) > MAX_RESCALED_SQUARES * min(h, w):
+    if max(h, w) > MAX_ASPECT * min(h, w):  # the limit preprocess applies, for the same reason
         raise ValueError(f"aspect ratio {max(h, w)}:{min(h, w)} is beyond "
-                         f"{MAX_RESCALED_SQUARES}:1; rescaling would need too much memory")
+                         f"{MAX_ASPECT}:1; rescaling would need too much memory")
     if ten_crop:
         return crops.ten_crop(rescale(rgb, resize, center_crop=True), size)
     return crops.center_crop(rescale(rgb, resize, center_crop=False), size)

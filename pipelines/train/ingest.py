@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from alexnet.augment import center_crop, crop_params, random_crop_flip, ten_crop
-from pipelines.data.shards import Record, RecordError, ShardReader, decode_image, unpack_record
+from pipelines.data.shards import RecordError, ShardReader, decode_image, unpack_record
 
 
 class DatasetMismatch(ValueError):
@@ -114,22 +114,6 @@ def check_dataset(data: str | Path, manifest: dict, train_split: str, val_split:
 _EPOCH_SHIFT = 40
 
 
-def decode_rgb(rec: Record) -> np.ndarray:
-    """The record's image as RGB uint8 (H, W, 3). JPEG decodes straight to RGB
-    (IMREAD_COLOR_RGB, OpenCV >= 4.10): the BGR-to-RGB copy `shards.decode_image` makes
-    costs as much as the decode itself (a negative-stride NumPy copy, ~0.5 ms at 256x256)."""
-    import cv2
-
-    if rec.encoding != "jpeg":
-        return decode_image(rec)
-    flag = getattr(cv2, "IMREAD_COLOR_RGB", None)
-    img = cv2.imdecode(np.frombuffer(rec.image, dtype=np.uint8),
-                       cv2.IMREAD_COLOR if flag is None else flag)
-    if img is None:
-        raise RecordError(f"JPEG record {rec.path} does not decode")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if flag is None else img
-
-
 class ShardRecords(Dataset):
     """All records of a split's shards, addressed by a global index; mode is "train"
     (random crop + flip), "center" or "ten" (the paper's ten crops).
@@ -165,7 +149,7 @@ class ShardRecords(Dataset):
         shape = (10, self.crop, self.crop, 3) if self.mode == "ten" else (self.crop, self.crop, 3)
         try:
             rec = unpack_record(reader.raw(local))
-            img = decode_rgb(rec)
+            img = decode_image(rec)
             if self.mode == "train":
                 if self.pad:  # CIFAR's usual augmentation: zero-pad, then a random crop
                     img = np.pad(img, ((self.pad, self.pad), (self.pad, self.pad), (0, 0)))
