@@ -301,6 +301,7 @@ def test_working_dir_upload_leaves_out_data_and_envs(tmp_path):
     shutil.copytree(REPO / "cluster", repo / "cluster",
                     ignore=shutil.ignore_patterns("__pycache__"))
     planted = [".venv/bin/python", ".git/objects/ab/cdef", "data/sample/train/a.JPEG",
+               "data/sample/LOC_synset_mapping.txt",
                "data/shards/train/shard-00000.lmdb", "elsewhere/shard-00001.lmdb",
                "checkpoints/alexnet/checkpoint_0/weights.pt", "mlruns/0/meta.yaml",
                "mlartifacts/1/x/model.pt", "mlflow.db", "outputs/predictions.parquet",
@@ -316,8 +317,9 @@ def test_working_dir_upload_leaves_out_data_and_envs(tmp_path):
 def test_working_dir_upload_of_this_checkout_is_small(tmp_path):
     pkg = _package(REPO, tmp_path)
     names = pkg.namelist()
-    assert {"workflow.py", "pipelines/train/launcher.py", "alexnet/model.py", "cluster/local.py"} <= \
-        set(names)
+    # Every stage's code travels (a `data/` exclude once dropped pipelines/data/ as well).
+    assert {"workflow.py", "pipelines/data/preprocess.py", "pipelines/train/launcher.py",
+            "pipelines/serve/infer.py", "alexnet/model.py", "cluster/local.py"} <= set(names)
     assert not [n for n in names if n.startswith(UPLOAD_MUST_NOT_HOLD) or n.endswith(".lmdb")]
     size = (tmp_path / "pkg.zip").stat().st_size
     assert size < 5 * 2**20, f"upload of {size / 2**20:.1f} MiB: something large is not ignored"

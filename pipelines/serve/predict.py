@@ -117,7 +117,7 @@ def resolve_model(ref: str, dst: str | None = None) -> ModelRef:
                 raise InferError(f"model {ref!r}: use models:/{name}@ALIAS or "
                                  f"models:/{name}/VERSION; {_registry_choices(client, name)}")
         except MlflowException:
-            raise InferError(f"model {ref!r} not versions; {_registry_choices(client, name)}") \
+            raise InferError(f"model {ref!r} not found; {_registry_choices(client, name)}") \
                 from None
         version, run_id = str(mv.version), mv.run_id
         model_id = _logged_model_id(mv)
@@ -141,7 +141,7 @@ def resolve_model(ref: str, dst: str | None = None) -> ModelRef:
                              f"runs:/{run_id}/model")
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
-    except Exception as exc:  # noqa: BLE001 - MLflow raises several kinds for "not versions"
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several kinds for "not found"
         extra = ""
         if ref.startswith("runs:/"):
             # MLflow 3 keeps logged models beside the run's artifacts, as LoggedModels.

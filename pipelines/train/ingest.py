@@ -44,7 +44,7 @@ def check_dataset(data: str | Path, manifest: dict, train_split: str, val_split:
     listed exists, has the listed size and record count, the counts add up, the stats the
     training needs are there and the crop fits the stored images. Costs one stat and one
     LMDB meta read per shard (no data read: ImageNet's ~600 shards take well under a
-    second). Returns `{split: {"records": n, "shards": k}}` for the splits split_counts."""
+    second). Returns `{split: {"records": n, "shards": k}}` for the splits found."""
     data = Path(data)
     # --overwrite with unchanged parameters keeps every finished shard, so it repairs nothing:
     # a manifest without what training needs is made again, elsewhere; a damaged shard is
