@@ -79,3 +79,26 @@ def imagenet_sample():
     if not (IMAGENET_SAMPLE / "train").is_dir():
         pytest.skip(f"ImageNet sample not found at {IMAGENET_SAMPLE}")
     return IMAGENET_SAMPLE
+
+
+@pytest.fixture()
+def small_tmpfs(tmp_path):
+    """A tmpfs of a given size mounted in the test's temp dir, unmounted after: a real full
+    disk. `small_tmpfs("70m")` returns its path; skipped without root and mount."""
+    import subprocess
+
+    mounted = []
+
+    def mount(size: str) -> Path:
+        mnt = tmp_path / f"tmpfs-{size}"
+        mnt.mkdir()
+        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}",
+                                                "tmpfs", str(mnt)],
+                                               capture_output=True).returncode:
+            pytest.skip("cannot mount a small tmpfs here (needs root)")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:  # lazily: a process the test started may still hold a file there
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

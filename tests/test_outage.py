@@ -226,31 +226,24 @@ def test_two_trainings_at_once_on_one_fresh_sqlite_store(small_shards, tmp_path)
           f"v{champion.version}; 'database is locked' seen {locked} times in their output")
 
 
-def test_checkpoint_storage_that_fills_up_stops_cleanly(small_shards, tmp_path):
+def test_checkpoint_storage_that_fills_up_stops_cleanly(small_shards, tmp_path, small_tmpfs):
     """A real full filesystem under --storage (a 70 MB tmpfs: one cifar checkpoint of ~47 MB
     fits, the second does not): Ray retries the epoch (--max-failures 1), then the job
     stops with one line, exit 2, and the first checkpoint loads."""
     import torch
 
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=70m", "tmpfs",
-                                            str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
-        proc = _train(small_shards, mnt, f"sqlite:///{tmp_path / 'mlflow.db'}", "--epochs",
-                      "3", "--max-failures", "1")
-        out, _ = proc.communicate(timeout=900)
-        assert proc.returncode == 2, out[-4000:]
-        # Ray's own log lines of the failure may arrive after ours: find ours.
-        last = next(line for line in out.splitlines() if line.startswith("error: "))
-        assert last.startswith(f"error: writing a checkpoint to {mnt} kept failing (")
-        assert "No space left on device" in last and "2 attempts" in last
-        assert "is intact: make room or fix the storage, then continue with `python " \
-               "workflow.py train --resume --name outage`" in last
-        named = re.search(r"the last checkpoint \((\S+), epoch (\d+)\) is intact", last)
-        assert named and int(named.group(2)) == 0, last
-        for fname in ("weights.pt", "state.pt"):  # the one it names loads
-            torch.load(Path(named.group(1)) / fname, weights_only=True)
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    mnt = small_tmpfs("70m")
+    proc = _train(small_shards, mnt, f"sqlite:///{tmp_path / 'mlflow.db'}", "--epochs",
+                  "3", "--max-failures", "1")
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 2, out[-4000:]
+    # Ray's own log lines of the failure may arrive after ours: find ours.
+    last = next(line for line in out.splitlines() if line.startswith("error: "))
+    assert last.startswith(f"error: writing a checkpoint to {mnt} kept failing (")
+    assert "No space left on device" in last and "2 attempts" in last
+    assert "is intact: make room or fix the storage, then continue with `python " \
+           "workflow.py train --resume --name outage`" in last
+    named = re.search(r"the last checkpoint \((\S+), epoch (\d+)\) is intact", last)
+    assert named and int(named.group(2)) == 0, last
+    for fname in ("weights.pt", "state.pt"):  # the one it names loads
+        torch.load(Path(named.group(1)) / fname, weights_only=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import fcntl
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -277,25 +276,16 @@ def test_whole_input_failures_exit_2_with_a_message(ray_local, tiny_source, tmp_
                                     str(blocker / "out"))
 
 
-def test_out_of_disk_is_a_clear_error(ray_local, tiny_source, tmp_path, capsys):
+def test_out_of_disk_is_a_clear_error(ray_local, tiny_source, small_tmpfs, capsys):
     """A real full disk: a 300 KB tmpfs (needs root and mount; skipped otherwise)."""
-    import subprocess
-
     import workflow
 
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs",
-                                            str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    try:
-        code = workflow.main(["preprocess", "--source", str(tiny_source), "--out",
-                              str(mnt / "out"), "--encoding", "raw", "--resize", "64"])
-        err = capsys.readouterr().err
-        assert code == 2
-        assert "out of disk space" in err and "run the same command again" in err
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+    mnt = small_tmpfs("300k")
+    code = workflow.main(["preprocess", "--source", str(tiny_source), "--out",
+                          str(mnt / "out"), "--encoding", "raw", "--resize", "64"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "out of disk space" in err and "run the same command again" in err
 
 
 def test_verify_finds_corrupt_records_missing_shards_and_exits_1(ray_local, tiny_source,
