@@ -1,5 +1,5 @@
 # Two commands for a new user (see README):
-#   make demo   set up .venv, then make-sample -> preprocess -> train -> register -> batch-infer
+#   make demo   set up .venv, then make-sample -> preprocess -> train (which registers the model) -> batch-infer
 #   make test   set up .venv, lint, run the test suite and the strict docs build (what CI runs)
 PYTHON ?= python3
 VENV   := .venv
