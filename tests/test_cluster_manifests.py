@@ -197,7 +197,7 @@ def test_runtime_env_file_is_valid_and_points_at_the_tracking_server():
     assert env["working_dir"] == "."
     assert env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
     assert all(isinstance(v, str) for v in env["env_vars"].values())
-    assert {".venv/", "data/", "checkpoints/", "mlruns/"} <= set(env["excludes"])
+    assert {".venv/", "/data/", "checkpoints/", "mlruns/"} <= set(env["excludes"])
 
 
 def test_launcher_job_command_parses():
