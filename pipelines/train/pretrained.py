@@ -30,8 +30,6 @@ import torch
 
 #: The class head: fc8 in every variant (torchvision's index, kept by all three layouts).
 HEAD = "classifier.6"
-#: The body of a fine-tuning: what `--freeze features` stops training.
-FREEZABLE = ("features",)
 STATE_DICT_SUFFIXES = (".pth", ".pt")
 
 # ImageNet's statistics in pixel units (torchvision's 0-1 values x 255): what torchvision's
