@@ -139,8 +139,6 @@ def resolve_model(ref: str, dst: str | None = None) -> ModelRef:
         if not path:
             raise InferError(f"model {ref!r}: name the model's path in the run, e.g. "
                              f"runs:/{run_id}/model")
-    if not sys.stderr.isatty():  # MLflow's download bar, drawn into a log, is one long line
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
     except Exception as exc:  # noqa: BLE001 - MLflow raises several kinds for "not found"

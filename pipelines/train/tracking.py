@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -162,9 +163,12 @@ def _drop_alembic_leftovers(db: Path) -> None:
 
 def setup_mlflow() -> str:
     """Point MLflow at the workflow's tracking URI (and the registry at the same store);
-    a local sqlite store is initialised first (`init_store`)."""
+    a local sqlite store is initialised first (`init_store`). Every command that talks to
+    MLflow comes through here."""
     import mlflow
 
+    if not sys.stderr.isatty():  # MLflow's artifact bars, drawn into a log, are one long line
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = tracking_uri()
     init_store(uri)
     mlflow.set_tracking_uri(uri)
