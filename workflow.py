@@ -231,6 +231,10 @@ def _config_flags(p: argparse.ArgumentParser, cls: type, required: tuple[str, ..
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import dataclasses
+
+    # `train`'s model flags, for the commands that take the same ones (`info`, `import-weights`).
+    model_fields = {f.name: f for f in dataclasses.fields(config.ModelSection)}
     parser = argparse.ArgumentParser(prog="workflow.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -267,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("import-weights", help="register published AlexNet weights (a state "
                        "dict, e.g. torchvision's) as a servable MLflow model")
     p.add_argument("file", help="the .pth/.pt state dict (read with weights_only=True)")
-    p.add_argument("--variant", required=True, choices=("paper", "torchvision", "cifar"),
+    p.add_argument("--variant", required=True, choices=model_fields["variant"].metadata["choices"],
                    help="the layout the weights are in (torchvision's file: torchvision)")
     p.add_argument("--classes", required=True, metavar="MAPPING",
                    help="the class index the weights were trained with: `<wnid> <name>` a "
@@ -309,9 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="layer table of an AlexNet variant")
     # The same --variant/--groups as `train` (defaults and help from ModelSection).
-    import dataclasses
-
-    model_fields = {f.name: f for f in dataclasses.fields(config.ModelSection)}
     for flag in ("variant", "groups"):
         f = model_fields[flag]
         p.add_argument(f"--{flag}", type=type(f.default), default=f.default,
