@@ -31,10 +31,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import tempfile
 import warnings
 from pathlib import Path
+
+from pipelines.files import atomic_path
 
 FORMATS = ("onnx", "torchscript")
 SIDECAR_SUFFIX = ".json"
@@ -218,12 +219,6 @@ def _run_torchscript(path: Path, example):
         return loaded(example).numpy()
 
 
-def _tmp_beside(path: Path) -> Path:
-    """A fresh hidden name in `path`'s directory: os.replace from there is atomic (one file
-    system). Not mkstemp: the writers create the file, so it gets the umask's mode, not 0600."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-
-
 def export_model(ref: str, fmt: str, out: str | os.PathLike, overwrite: bool = False) -> dict:
     """Resolve `ref` (anything `predict.resolve_model` takes), export it as `fmt` to `out`
     with the sidecar `out + ".json"`; returns a summary (paths, source, max_abs_diff)."""
@@ -256,8 +251,8 @@ def export_model(ref: str, fmt: str, out: str | os.PathLike, overwrite: bool = F
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # read-only, no permission, a file in the way
         raise ExportError(f"cannot create {out.parent}: {exc.strerror or exc}") from None
-    tmp, tmp_side = _tmp_beside(out), _tmp_beside(sidecar_path(out))
-    try:
+    # Both files appear whole or not at all, and only once the model is checked.
+    with atomic_path(out) as tmp, atomic_path(sidecar_path(out)) as tmp_side:
         write(exportable(model), example, tmp, sidecar)
         got = run(tmp, example)
         diff = float(np.abs(got - expected).max())
@@ -266,11 +261,6 @@ def export_model(ref: str, fmt: str, out: str | os.PathLike, overwrite: bool = F
             raise ExportError(f"the exported {fmt} model disagrees with PyTorch by {diff:.3g} "
                               f"(allowed {limit:.3g}); nothing was written to {out}")
         tmp_side.write_text(json.dumps(sidecar, indent=1))
-        os.replace(tmp, out)
-        os.replace(tmp_side, sidecar_path(out))
-    finally:
-        for path in (tmp, tmp_side):
-            path.unlink(missing_ok=True)
     return {"out": str(out), "sidecar": str(sidecar_path(out)), "format": fmt,
             "source": source, "max_abs_diff": diff, "bytes": out.stat().st_size,
             "variant": info["variant"], "num_classes": int(info["num_classes"])}
