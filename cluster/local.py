@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -48,6 +47,7 @@ from cluster.processes import (
     stop_session,
 )
 from cluster.services import alive_nodes, start_head, start_mlflow, start_worker
+from pipelines.files import atomic_write
 
 DEFAULT_DIR = ".cluster"
 STATE = "state.json"
@@ -65,9 +65,7 @@ def save_state(state_dir: Path, state: dict) -> None:
     ignore = state_dir / ".gitignore"
     if not ignore.exists():
         ignore.write_text("*\n")
-    tmp = state_dir / (STATE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, state_dir / STATE)
+    atomic_write(state_dir / STATE, json.dumps(state, indent=1))
 
 
 def stop_node(node: dict) -> list[int]:
