@@ -268,8 +268,8 @@ class RunningRay:
     stopped by its own processes, never `ray stop` (which would stop everyone's)."""
 
     def __enter__(self) -> str:
-        from cluster.processes import free_port
         from cluster.services import start_head
+        from pipelines.runtime import free_port
 
         self.state = Path(f"/tmp/rbh{os.getpid()}")
         self.node = start_head(self.state, port=free_port(), dashboard_port=free_port(),

@@ -29,12 +29,6 @@ class ClusterError(RuntimeError):
     """The stack cannot start or stop; the message says why and what to do."""
 
 
-def free_port(host: str = HOST) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 def port_in_use(port: int, host: str = HOST) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)

@@ -17,11 +17,11 @@ from cluster.processes import (
     HOST,
     ClusterError,
     child_env,
-    free_port,
     port_in_use,
     spawn,
     wait_ready,
 )
+from pipelines.runtime import free_port
 
 
 # --------------------------------------------------------------------------- Ray

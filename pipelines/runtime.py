@@ -29,11 +29,12 @@ def other_rays() -> int:
     return count
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (the OS picks it; another process may take it later)."""
     import socket
 
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -78,7 +79,7 @@ def init_ray(*, lean: bool = False, local_cpus: int | None = None, **kwargs) -> 
             # address looks for a Ray on the machine and fails on finding several (25 lines
             # of ConnectionError a run). Its dashboard's address, fixed before it starts,
             # reaches every worker process through the environment.
-            port = _free_port()
+            port = free_port()
             os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
             local["dashboard_port"] = port
     ray.init(address="local", **kwargs, **local)

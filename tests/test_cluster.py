@@ -32,6 +32,7 @@ import pytest
 import yaml
 
 from cluster import local, processes, services
+from pipelines.runtime import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 JOB_TIMEOUT = 900  # s; a job past this is stopped and the test fails (2 shared cores)
@@ -107,7 +108,7 @@ def stack(tmp_path_factory):
     on free ports; stopped by `python -m cluster down`; then nothing of it may be left."""
     services.use_token_auth()  # this process's Jobs/state API clients send the cluster token
     state_dir = tmp_path_factory.mktemp("stack")
-    ports = {"dashboard": processes.free_port(), "ray": processes.free_port(), "mlflow": processes.free_port()}
+    ports = {"dashboard": free_port(), "ray": free_port(), "mlflow": free_port()}
     up = cluster_cli(state_dir, "up", "--dashboard-port", str(ports["dashboard"]),
                      "--ray-port", str(ports["ray"]), "--mlflow-port", str(ports["mlflow"]),
                      "--num-cpus", "2", "--extra-nodes", "1", "--worker-cpus", "2",
@@ -357,7 +358,7 @@ def test_cluster_cli_refuses_busy_ports_and_worker_port_range(tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         r = cluster_cli(tmp_path, "up", "--no-mlflow", "--dashboard-port", str(port),
-                        "--ray-port", str(processes.free_port()), timeout=60)
+                        "--ray-port", str(free_port()), timeout=60)
     assert r.returncode == 2 and f"port {port} is in use" in r.stderr
     r = cluster_cli(tmp_path, "up", "--no-mlflow", "--ray-port", "12345", timeout=60)
     assert r.returncode == 2 and "worker port range" in r.stderr
